@@ -1,0 +1,222 @@
+"""Settings: one object, built once by the CLI and passed down.
+
+Precedence, highest first: init arguments (command-line options), environment variables
+(``FABRICFLOW_...``, ``__`` between nested names; credentials under the official SDK's names),
+the ``--config`` file, ``config/default.toml``, the defaults below, and, for credentials only,
+the official SDK's credentials file.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from orchestrator.errors import UserError
+
+EMBEDDED = "embedded"  # fabric_url value meaning "start the bundled emulator in-process"
+DEFAULT_CONFIG_FILE = Path(__file__).resolve().parent.parent / "config" / "default.toml"
+REGIONS = ("cn-north-4", "cn-southwest-2")
+
+
+def default_db_url() -> str:
+    """A SQLite file under the user's data directory (XDG), shared by the CLI and the daemon."""
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return f"sqlite+aiosqlite:///{base / 'fabricflow' / 'fabricflow.db'}"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HttpSettings(_Section):
+    """Timeouts for calls to Fabric, in seconds."""
+
+    connect_timeout: float = Field(default=10.0, gt=0)
+    read_timeout: float = Field(default=60.0, gt=0)
+    invoke_timeout: float = Field(default=300.0, gt=0)
+
+
+class PollSettings(_Section):
+    """Status polling: starts at ``initial`` seconds, doubles up to ``max``, with jitter."""
+
+    initial: float = Field(default=1.0, gt=0)
+    max: float = Field(default=30.0, gt=0)
+
+
+class RetrySettings(_Section):
+    """Job-level retries of one step on transient errors."""
+
+    max_attempts: int = Field(default=8, ge=1)
+    backoff_base: float = Field(default=1.0, gt=0)
+    backoff_cap: float = Field(default=30.0, gt=0)
+
+
+class DaemonSettings(_Section):
+    """How a daemon claims and holds jobs."""
+
+    concurrency: int = Field(default=200, ge=1)
+    lease_seconds: float = Field(default=30.0, gt=0)
+    heartbeat_seconds: float = Field(default=10.0, gt=0)
+    claim_interval: float = Field(default=0.5, gt=0)
+    max_recoveries: int = Field(default=5, ge=1)
+    drain_seconds: float = Field(default=20.0, gt=0)
+
+
+class EmulatorSettings(_Section):
+    """The embedded emulator used when ``fabric_url = "embedded"``."""
+
+    ready_after: float = Field(default=3.0, ge=0)
+    instance_ready_after: float = Field(default=2.0, ge=0)
+
+
+class Settings(BaseSettings):
+    """Every setting fabricflow reads. Secrets are ``SecretStr`` and never printed."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FABRICFLOW_", env_nested_delimiter="__", extra="forbid", populate_by_name=True
+    )
+
+    db: str = Field(default_factory=default_db_url)
+    fabric_url: str = EMBEDDED
+    fabric_ep_url: str | None = None
+    region: str | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "warning"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    auth_token: SecretStr | None = None
+    ak: SecretStr | None = Field(default=None, validation_alias="HUAWEICLOUD_SDK_AK")
+    sk: SecretStr | None = Field(default=None, validation_alias="HUAWEICLOUD_SDK_SK")
+    project_id: str | None = Field(
+        default=None, validation_alias="HUAWEICLOUD_SDK_PROJECT_ID"
+    )
+    security_token: SecretStr | None = Field(
+        default=None,
+        validation_alias="HUAWEICLOUD_SDK_SECURITY_TOKEN",
+    )
+
+    http: HttpSettings = HttpSettings()
+    poll: PollSettings = PollSettings()
+    retry: RetrySettings = RetrySettings()
+    daemon: DaemonSettings = DaemonSettings()
+    emulator: EmulatorSettings = EmulatorSettings()
+
+    # Set by load_settings(); not a setting a user writes.
+    config_files: tuple[str, ...] = ()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        files = _files_var.get(())
+        return (
+            init_settings,
+            env_settings,
+            InitSettingsSource(settings_cls, _merged_toml(files)),
+            InitSettingsSource(settings_cls, _sdk_credentials_file()),
+        )
+
+    @property
+    def is_embedded(self) -> bool:
+        """True when the bundled emulator stands in for Fabric."""
+        return self.fabric_url == EMBEDDED
+
+    @property
+    def ep_url(self) -> str:
+        """Base URL of the ``fabric-ep`` host (service instances, invocations)."""
+        return self.fabric_ep_url or self.fabric_url
+
+    def masked(self) -> dict[str, Any]:
+        """Effective settings for display: secrets shown as ``********`` when set."""
+        data = self.model_dump(mode="json", exclude={"config_files"})
+        for key in ("auth_token", "ak", "sk", "security_token"):
+            data[key] = "********" if getattr(self, key) is not None else None
+        data["config_files"] = list(self.config_files)
+        return data
+
+
+# The --config file is handed to settings_customise_sources through a context variable because
+# pydantic-settings builds sources from the class, not from the call.
+import contextvars  # noqa: E402
+
+_files_var: contextvars.ContextVar[tuple[Path, ...]] = contextvars.ContextVar("config_files")
+
+
+def _merged_toml(files: tuple[Path, ...]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for path in files:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"{path}: no such config file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise UserError(f"{path}: not valid TOML: {exc}") from None
+        _deep_merge(merged, data)
+    return merged
+
+
+def _deep_merge(into: dict[str, Any], data: dict[str, Any]) -> None:
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _sdk_credentials_file() -> dict[str, Any]:
+    """Keys from the official SDK's credentials file (INI, section [basic]), if there is one."""
+    path = Path(
+        os.environ.get("HUAWEICLOUD_SDK_CREDENTIALS_FILE")
+        or Path.home() / ".huaweicloud" / "credentials"
+    )
+    if not path.is_file():
+        return {}
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(path, encoding="utf-8")
+    except configparser.Error as exc:
+        raise UserError(f"{path}: not a valid credentials file: {exc.__class__.__name__}") from None
+    if not parser.has_section("basic"):
+        return {}
+    keys = ("ak", "sk", "project_id", "security_token")
+    return {k: parser.get("basic", k) for k in keys if parser.get("basic", k, fallback="")}
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build Settings from defaults, config files, the environment and explicit overrides."""
+    files = [DEFAULT_CONFIG_FILE] if DEFAULT_CONFIG_FILE.is_file() else []
+    if config_file is not None:
+        files.append(Path(config_file))
+    token = _files_var.set(tuple(files))
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        where = str(config_file) if config_file else "configuration"
+        problems = [
+            f"{where}: {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        ]
+        raise UserError("\n".join(problems)) from None
+    finally:
+        _files_var.reset(token)
+    if settings.region is not None and settings.fabric_url == EMBEDDED and "fabric_url" not in overrides:
+        if settings.region not in REGIONS:
+            raise UserError(f"--region: unknown region {settings.region!r} (known: {', '.join(REGIONS)})")
+        settings.fabric_url = f"https://fabric.{settings.region}.myhuaweicloud.com"
+        settings.fabric_ep_url = settings.fabric_ep_url or f"https://fabric-ep.{settings.region}.myhuaweicloud.com"
+    settings.config_files = tuple(str(f) for f in files)
+    return settings

@@ -1,0 +1,140 @@
+"""Snapshots of jobs, steps and events as the store returns them. No I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from orchestrator.machine import STEP_ORDER, JobState, StepName, StepState
+
+MARKER_PREFIX = "fabricflow"
+
+
+def ownership_marker(job_id: str) -> str:
+    """The tag appended to every description fabricflow sends, e.g. ``[fabricflow:3f9c2a1e]``."""
+    return f"[{MARKER_PREFIX}:{job_id[:8]}]"
+
+
+def with_marker(description: str, job_id: str) -> str:
+    """A description carrying the job's ownership marker exactly once."""
+    marker = ownership_marker(job_id)
+    if marker in description:
+        return description
+    return f"{description} {marker}".strip()
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One step of a job, as last committed."""
+
+    name: StepName
+    state: StepState
+    resource_id: str | None = None
+    resource_status: str | None = None
+    request_name: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    attempts: int = 0
+    error: dict[str, Any] | None = None
+    started_at: datetime | None = None
+    updated_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        """The step object of the ``--json`` contract."""
+        return {
+            "name": str(self.name),
+            "state": str(self.state),
+            "resource_id": self.resource_id,
+            "resource_status": self.resource_status,
+            "attempts": self.attempts,
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A job and its steps, as last committed."""
+
+    id: str
+    name: str
+    state: JobState
+    spec: dict[str, Any]
+    steps: dict[StepName, Step]
+    created_at: datetime
+    updated_at: datetime
+    spec_version: int = 1
+    state_version: int = 1
+    error: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    lease_owner: str | None = None
+    lease_expires_at: datetime | None = None
+    recoveries: int = 0
+    finished_at: datetime | None = None
+
+    def step(self, name: StepName) -> Step:
+        """The named step."""
+        return self.steps[name]
+
+    def resource_id(self, name: StepName) -> str | None:
+        """The resource ID recorded by a step, if any."""
+        return self.steps[name].resource_id
+
+    def summary_json(self) -> dict[str, Any]:
+        """The object of ``list --json``."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "state": str(self.state),
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+        }
+
+    def as_json(self) -> dict[str, Any]:
+        """The object of ``show --json`` and ``run --json``."""
+        result = self.result or {}
+        model = self.steps[StepName.MODEL]
+        return {
+            "id": self.id,
+            "name": self.name,
+            "state": str(self.state),
+            "error": self.error,
+            "steps": [self.steps[n].as_json() for n in STEP_ORDER],
+            "result": {
+                "workspace_id": self.resource_id(StepName.WORKSPACE),
+                "endpoint_id": self.resource_id(StepName.ENDPOINT),
+                "model_id": model.resource_id,
+                "model_version_id": model.extra.get("version_id"),
+                "service_instance_id": self.resource_id(StepName.SERVICE_INSTANCE),
+                "reply": result.get("reply"),
+                "finish_reason": result.get("finish_reason"),
+                "usage": result.get("usage"),
+            },
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One row of the append-only event log."""
+
+    id: int
+    job_id: str
+    at: datetime
+    step: str | None
+    from_state: str | None
+    to_state: str | None
+    detail: str | None
+
+    def as_json(self) -> dict[str, Any]:
+        """The object of ``events --json``."""
+        return {
+            "id": self.id,
+            "job_id": self.job_id,
+            "at": self.at.isoformat(),
+            "step": self.step,
+            "from": self.from_state,
+            "to": self.to_state,
+            "detail": self.detail,
+        }

@@ -1,0 +1,157 @@
+"""The daemon: claims runnable jobs, runs many on one event loop, keeps their leases alive."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import signal
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import structlog
+from sqlalchemy.engine import make_url
+
+from orchestrator.config import DaemonSettings
+from orchestrator.engine.runner import Runner
+from orchestrator.errors import UserError
+from orchestrator.store import db
+from orchestrator.store.jobs import JobStore
+
+log = structlog.get_logger(__name__)
+
+
+def new_owner() -> str:
+    """A lease owner name a person can trace back to a process: host:pid:random."""
+    return f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+@contextlib.contextmanager
+def sqlite_file_lock(url: str) -> AsyncIterator[None]:  # type: ignore[misc]
+    """Hold an OS lock beside the SQLite file: one daemon per file, said clearly to a second."""
+    database = make_url(url).database
+    if not database or database == ":memory:":
+        yield
+        return
+    path = Path(database).expanduser().resolve()
+    lock_path = path.with_name(path.name + ".lock")
+    handle = open(lock_path, "a+")  # noqa: SIM115 - held for the daemon's life
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise UserError(f"{path}: another fabricflow daemon is already running on this "
+                            f"database ({holder}); stop it first or use another --db") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # closing releases the lock; the kernel does the same on kill -9
+
+
+@contextlib.asynccontextmanager
+async def heartbeat(store: JobStore, owner: str, settings: DaemonSettings) -> AsyncIterator[None]:
+    """Renew every lease ``owner`` holds, with one statement per beat, while the block runs."""
+
+    async def beat() -> None:
+        while True:
+            await asyncio.sleep(settings.heartbeat_seconds)
+            try:
+                await store.heartbeat(owner, lease=settings.lease_seconds)
+            except Exception as exc:  # a missed beat is survivable; the next one may succeed
+                log.warning("heartbeat_failed", error=type(exc).__name__)
+
+    task = asyncio.create_task(beat(), name="heartbeat")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+class Daemon:
+    """Runs jobs until stopped by SIGTERM/SIGINT (or ``stop``)."""
+
+    def __init__(self, store: JobStore, runner: Runner, settings: DaemonSettings, *, url: str) -> None:
+        self.store = store
+        self.runner = runner
+        self.settings = settings
+        self.url = url
+        self.owner = runner.owner
+        self.tasks: dict[str, asyncio.Task[object]] = {}
+        self._wake = asyncio.Event()
+
+    def stop(self) -> None:
+        """Stop claiming; running jobs stop at their next safe point."""
+        self.runner.stop.set()
+        self._wake.set()
+
+    async def run(self, *, ready: asyncio.Event | None = None) -> None:
+        """Claim and run jobs until stopped, then drain."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop)
+        cfg = self.settings
+        lock = sqlite_file_lock(self.url) if db.is_sqlite(self.url) else contextlib.nullcontext()
+        with lock:
+            async with heartbeat(self.store, self.owner, cfg):
+                if db.is_sqlite(self.url):
+                    # This process owns the file, so every RUNNING job was orphaned by a crash.
+                    for job_id in await self.store.reclaim_all(
+                        self.owner, lease=cfg.lease_seconds, max_recoveries=cfg.max_recoveries
+                    ):
+                        self._spawn(job_id)
+                log.info("daemon_started", owner=self.owner, database=db.describe(self.url))
+                if ready is not None:
+                    ready.set()
+                while not self.runner.stop.is_set():
+                    free = cfg.concurrency - len(self.tasks)
+                    for job_id in await self.store.claim_next(
+                        self.owner, limit=free, lease=cfg.lease_seconds, max_recoveries=cfg.max_recoveries
+                    ):
+                        self._spawn(job_id)
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), timeout=cfg.claim_interval)
+                await self._drain()
+        log.info("daemon_stopped", owner=self.owner)
+
+    def _spawn(self, job_id: str) -> None:
+        task = asyncio.create_task(self._run_one(job_id), name=f"job-{job_id[:8]}")
+        self.tasks[job_id] = task
+        task.add_done_callback(lambda _t: (self.tasks.pop(job_id, None), self._wake.set()))
+
+    async def _run_one(self, job_id: str) -> None:
+        try:
+            await self.runner.run(job_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # A bug or a database outage: hand the job back rather than hold it forever.
+            log.error("job_crashed", job_id=job_id, error=type(exc).__name__, exc_info=True)
+            with contextlib.suppress(Exception):
+                await self.store.release(job_id, self.owner,
+                                         detail=f"run aborted by {type(exc).__name__}; will be retried",
+                                         crashed=True)
+
+    async def _drain(self) -> None:
+        if not self.tasks:
+            return
+        log.info("daemon_draining", jobs=len(self.tasks))
+        done, pending = await asyncio.wait(list(self.tasks.values()), timeout=self.settings.drain_seconds)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+            # Cancelled mid-call: leave them RUNNING; the lease expires and the next daemon
+            # reconciles them. Releasing here could hand out a job whose create is in the air.
+            log.warning("daemon_drain_timeout", abandoned=len(pending))

@@ -1,0 +1,116 @@
+"""What people read: live progress, job tables, event lists. Machines get ``--json`` instead."""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import datetime
+from typing import TextIO
+
+from orchestrator.domain import Event, Job
+from orchestrator.machine import STEP_ORDER, StepName, StepState
+
+
+def _short(job_id: str) -> str:
+    return job_id[:8]
+
+
+class ProgressPrinter:
+    """Prints step transitions and the streamed reply to stderr while a job runs."""
+
+    def __init__(self, out: TextIO | None = None) -> None:
+        self.out = out or sys.stderr
+        self.started = time.monotonic()
+        self.last_output = self.started
+        self._in_reply = False
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+        self.last_output = time.monotonic()
+
+    def line(self, text: str) -> None:
+        """A line of progress, ending a streamed reply first if one is open."""
+        if self._in_reply:
+            self._write("\n")
+            self._in_reply = False
+        self._write(f"[{time.monotonic() - self.started:6.1f}s] {text}\n")
+
+    def on_step(self, job: Job, step: StepName, state: StepState, detail: str) -> None:
+        """A step changed state."""
+        self.line(f"{step:<17} {state:<10} {detail}")
+
+    def on_text(self, job_id: str, text: str) -> None:
+        """A piece of the reply arrived."""
+        if not self._in_reply:
+            self._write("reply: ")
+            self._in_reply = True
+        self._write(text)
+
+    def idle_for(self) -> float:
+        """Seconds since anything was printed."""
+        return time.monotonic() - self.last_output
+
+
+def _when(at: datetime | None) -> str:
+    return at.astimezone().strftime("%Y-%m-%d %H:%M:%S") if at else "-"
+
+
+def _duration(step_start: datetime | None, step_end: datetime | None) -> str:
+    if step_start is None:
+        return "-"
+    if step_end is None:
+        return "…"
+    seconds = (step_end - step_start).total_seconds()
+    return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f}m"
+
+
+def format_job(job: Job) -> str:
+    """``fabricflow show``: the job, then one row per step."""
+    lines = [
+        f"job      {job.id}",
+        f"name     {job.name}",
+        f"state    {job.state}",
+        f"created  {_when(job.created_at)}    updated {_when(job.updated_at)}",
+    ]
+    if job.lease_owner:
+        lines.append(f"held by  {job.lease_owner} until {_when(job.lease_expires_at)}")
+    if job.error:
+        rid = f" (request {job.error['request_id']})" if job.error.get("request_id") else ""
+        lines.append(f"error    [{job.error.get('code')}] {job.error.get('message')}{rid}")
+    lines.append("")
+    header = f"{'STEP':<17} {'STATE':<10} {'RESOURCE':<36} {'STATUS':<14} {'TRIES':>5} {'TIME':>7}"
+    lines.append(header)
+    for name in STEP_ORDER:
+        step = job.steps[name]
+        lines.append(
+            f"{name:<17} {step.state:<10} {step.resource_id or '-':<36} "
+            f"{step.resource_status or '-':<14} {step.attempts:>5} "
+            f"{_duration(step.started_at, step.finished_at):>7}"
+        )
+        if step.error and step.state is not StepState.SUCCEEDED:
+            lines.append(f"{'':<17} ! [{step.error.get('code')}] {step.error.get('message')}")
+    model = job.steps[StepName.MODEL]
+    if model.extra.get("version_id"):
+        lines.append(f"\nmodel version  {model.extra['version_id']}")
+    if job.result and job.result.get("reply") is not None:
+        usage = job.result.get("usage") or {}
+        lines.append(f"reply          {job.result['reply']}")
+        lines.append(f"finish_reason  {job.result.get('finish_reason')}    usage {usage}")
+    return "\n".join(lines)
+
+
+def format_jobs(jobs: list[Job]) -> str:
+    """``fabricflow list``: one line per job."""
+    if not jobs:
+        return "no jobs yet: submit one with `fabricflow run SPEC` or `fabricflow submit SPEC`"
+    rows = [f"{'ID':<10} {'STATE':<10} {'CREATED':<19}  NAME"]
+    rows += [f"{_short(j.id):<10} {j.state:<10} {_when(j.created_at):<19}  {j.name}" for j in jobs]
+    return "\n".join(rows)
+
+
+def format_event(event: Event) -> str:
+    """One line of ``fabricflow events``."""
+    what = event.step or "job"
+    edge = f"{event.from_state or '-'} -> {event.to_state}" if event.to_state else "note"
+    return f"{_when(event.at)}  {what:<17} {edge:<24} {event.detail or ''}"

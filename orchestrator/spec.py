@@ -1,0 +1,199 @@
+"""The job spec: a YAML or JSON file, validated before anything is written."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from orchestrator.errors import UserError
+
+#: Bumped when the spec format changes meaning; stored on every job.
+SPEC_VERSION = 1
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``90``, ``"90s"``, ``"30m"``, ``"1.5h"`` or ``"500ms"``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 30m or 1h")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(f"{value!r} is not a duration (use e.g. 45s, 30m, 1h)")
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError("a duration must be positive")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+_WORKSPACE_NAME = r"^[A-Za-z0-9_-]{4,32}$"
+_RESOURCE_NAME = r"^[\w\-. ]{1,64}$"  # \w covers Chinese characters, letters, digits, _
+_ENDPOINT_NAME = r"^[\w\-. ]{1,128}$"
+_ID = r"^[A-Za-z0-9-]{1,36}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Reuse(_Strict):
+    """Reuse an existing resource by its ID instead of creating one."""
+
+    id: str = Field(pattern=_ID)
+
+
+class WorkspaceSpec(_Strict):
+    """CreateWorkspace body."""
+
+    name: str = Field(pattern=_WORKSPACE_NAME)
+    description: str = Field(default="", max_length=200)  # 255 minus room for the marker
+    enterprise_project_id: str | None = None
+
+
+class ResourceSize(_Strict):
+    """A ``{spec_code, min, max}`` resource definition."""
+
+    spec_code: str = Field(min_length=1)
+    min: int = Field(ge=0)
+    max: int = Field(ge=1)
+
+
+class EndpointSpec(_Strict):
+    """CreateEndpoint body."""
+
+    name: str = Field(pattern=_ENDPOINT_NAME)
+    description: str = Field(default="", max_length=1000)
+    type: Literal[
+        "service", "ray", "inference", "job", "ray_service", "sql", "container_job", "notebook"
+    ] = "inference"
+    reserved_resource: dict[str, ResourceSize] | None = None
+    public_access: bool | None = None
+
+
+class LlmModelConfig(_Strict):
+    """Where the model files are and which base model they derive from."""
+
+    base_model_type: str = ""
+    model_path: str = ""
+
+
+class ModelVersionConfig(_Strict):
+    """``version.config`` of CreateModelDefinition."""
+
+    llm_model_config: LlmModelConfig
+
+
+class ModelVersionSpec(_Strict):
+    """The first version of a model."""
+
+    name: str = Field(pattern=_RESOURCE_NAME)
+    description: str = Field(default="", max_length=1024)
+    config: ModelVersionConfig | None = None
+
+
+class ModelSpec(_Strict):
+    """CreateModelDefinition body."""
+
+    name: str = Field(pattern=_RESOURCE_NAME)
+    description: str = Field(default="", max_length=1000)
+    type: Literal["LLM_MODEL"] = "LLM_MODEL"
+    version: ModelVersionSpec
+
+
+class ServiceInstanceSpec(_Strict):
+    """DeployServiceInstance body, less the IDs the earlier steps provide."""
+
+    name: str = Field(pattern=_RESOURCE_NAME)
+    description: str = Field(default="", max_length=1000, pattern=r"^[^!<>=&\"']*$")
+    config: dict[str, Any] | None = None
+
+
+class Message(_Strict):
+    """One chat message."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class InvocationSpec(_Strict):
+    """The chat completion sent once the service is RUNNING."""
+
+    messages: list[Message] = Field(min_length=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=0)
+
+
+class Timeouts(_Strict):
+    """How long each wait may last."""
+
+    endpoint_ready: Duration = 30 * 60.0
+    service_ready: Duration = 30 * 60.0
+
+
+class JobSpec(_Strict):
+    """A whole job: what to create (or reuse), and what to ask the model."""
+
+    name: str = Field(min_length=1, max_length=200)
+    workspace: WorkspaceSpec | Reuse
+    endpoint: EndpointSpec | Reuse
+    model: ModelSpec | Reuse
+    service_instance: ServiceInstanceSpec
+    invocation: InvocationSpec
+    timeouts: Timeouts = Timeouts()
+    on_existing: Literal["fail", "adopt"] = "fail"
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """One line per problem: ``source: field.path: reason``."""
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p)) or "(top level)"
+        lines.append(f"{source}: {path}: {err['msg']}")
+    return "\n".join(dict.fromkeys(lines))
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic names the union member it tried (e.g. "WorkspaceSpec"); users never wrote that.
+    return isinstance(part, str) and part[:1].isupper()
+
+
+def parse_spec(data: Any, source: str = "spec") -> JobSpec:
+    """Validate already-parsed data as a JobSpec, raising UserError with every problem."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a mapping of fields, got {type(data).__name__}")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc, source)) from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read a YAML or JSON spec file and validate it."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read: {exc}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise UserError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
+                        f"{_first_line(exc)}") from None
+    return parse_spec(data, str(path))
+
+
+def _first_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())

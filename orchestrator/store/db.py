@@ -1,0 +1,187 @@
+"""Opening the database: engine settings per backend, and the schema's migration state."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event, inspect
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from orchestrator.errors import UserError
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent.parent / "migrations"
+WRITE = "fabricflow_write"  # execution option: this connection's transactions write
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """An Alembic Config pointing at our migrations, optionally bound to an open connection."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def head_revision() -> str:
+    """The newest migration this fabricflow ships."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def describe(url: str) -> str:
+    """The database as a user recognises it: the file for SQLite, the URL without password."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return parsed.database or ":memory:"
+    return parsed.render_as_string(hide_password=True)
+
+
+def is_sqlite(url: str) -> bool:
+    """True for SQLite URLs."""
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def create_engine(url: str) -> AsyncEngine:
+    """An async engine with the settings fabricflow relies on for this backend."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise UserError(f"--db: {url!r} is not a database URL (e.g. sqlite+aiosqlite:///jobs.db)") from None
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        if parsed.drivername == "sqlite":
+            parsed = parsed.set(drivername="sqlite+aiosqlite")
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        # A generous busy timeout: the CLI and the daemon share the file and wait for each other
+        # rather than fail with "database is locked".
+        engine = create_async_engine(parsed, connect_args={"timeout": 30})
+        _configure_sqlite(engine)
+        return engine
+    if backend == "postgresql":
+        if parsed.drivername in ("postgresql", "postgres"):
+            parsed = parsed.set(drivername="postgresql+asyncpg")
+        return create_async_engine(parsed, pool_pre_ping=True)
+    raise UserError(f"--db: unsupported database {backend!r}; use sqlite or postgresql")
+
+
+def _configure_sqlite(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event issue BEGIN itself, so writers can ask for IMMEDIATE.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        # WAL: readers (the CLI) never block the writer (the daemon) and vice versa.
+        cursor.execute("PRAGMA journal_mode=WAL")
+        # Enforce steps/events -> jobs references; SQLite ignores them unless asked.
+        cursor.execute("PRAGMA foreign_keys=ON")
+        # Durable at commit in WAL mode while much cheaper than FULL; a power loss may lose the
+        # last commits but never corrupts, and the exactly-once protocol tolerates lost intents.
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # Writers take the write lock up front (IMMEDIATE): a deferred transaction that reads and
+        # then writes can fail with SQLITE_BUSY without waiting for the busy timeout.
+        mode = "IMMEDIATE" if conn.get_execution_options().get(WRITE) else "DEFERRED"
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+@dataclass(frozen=True)
+class SchemaState:
+    """Where the database's schema stands relative to this fabricflow."""
+
+    current: str | None
+    head: str
+    foreign: bool  # tables exist but they are not fabricflow's
+
+    @property
+    def is_current(self) -> bool:
+        """True when no migration is pending."""
+        return self.current == self.head
+
+
+def _schema_state(connection: Connection) -> SchemaState:
+    current = MigrationContext.configure(connection).get_current_revision()
+    tables = set(inspect(connection).get_table_names())
+    foreign = current is None and bool(tables - {"alembic_version"})
+    return SchemaState(current=current, head=head_revision(), foreign=foreign)
+
+
+def _upgrade(connection: Connection) -> None:
+    from alembic import command
+
+    command.upgrade(alembic_config(connection), "head")
+
+
+async def schema_state(engine: AsyncEngine) -> SchemaState:
+    """Read the schema's migration state."""
+    async with engine.connect() as conn:
+        return await conn.run_sync(_schema_state)
+
+
+async def upgrade(engine: AsyncEngine) -> None:
+    """Apply every pending migration."""
+    async with engine.connect() as conn:
+        await conn.run_sync(_upgrade)
+        await conn.commit()
+
+
+async def prepare(engine: AsyncEngine, url: str, *, auto_upgrade: bool) -> None:
+    """Make sure the schema is fabricflow's and current, or say exactly what to do.
+
+    SQLite files are upgraded on the spot (one daemon owns a file); a shared PostgreSQL database
+    is upgraded only by ``fabricflow db upgrade``, so several daemons never race a migration.
+    """
+    where = describe(url)
+    try:
+        state = await schema_state(engine)
+        if state.foreign:
+            raise UserError(f"{where}: not a fabricflow database (it holds other tables)")
+        if state.is_current:
+            return
+        known = {s.revision for s in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+        if state.current is not None and state.current not in known:
+            raise UserError(
+                f"{where}: schema revision {state.current} is newer than this fabricflow "
+                f"(knows up to {state.head}); upgrade fabricflow"
+            )
+        if not auto_upgrade:
+            raise UserError(
+                f"{where}: schema is at {state.current or 'nothing'}, this fabricflow needs "
+                f"{state.head}; run: fabricflow db upgrade --db '{make_url(url).render_as_string(hide_password=True)}'"
+            )
+        await upgrade(engine)
+    except DBAPIError as exc:
+        raise UserError(f"{where}: {database_problem(exc)}") from None
+    except (OSError, NoSuchModuleError) as exc:
+        raise UserError(f"{where}: cannot open: {exc}") from None
+
+
+def database_problem(exc: DBAPIError) -> str:
+    """One line a user can act on, from a driver error."""
+    orig = exc.orig
+    text = str(orig).splitlines()[0] if orig is not None else str(exc)
+    if isinstance(orig, sqlite3.DatabaseError) or "sqlite" in type(orig).__module__:
+        lowered = text.lower()
+        if "file is not a database" in lowered:
+            return "not a SQLite database file"
+        if "readonly" in lowered or "read-only" in lowered:
+            return "the database is read-only"
+        if "locked" in lowered or "busy" in lowered:
+            return "the database is locked by another process"
+        if "disk is full" in lowered or "full" in lowered:
+            return "the disk is full"
+        if "unable to open" in lowered:
+            return "cannot open the database file (check the directory exists and is writable)"
+    return text

@@ -1,0 +1,379 @@
+"""JobStore: every read and write of jobs, steps and events.
+
+Each state change is a compare-and-set (update where the id, the expected state and the lease
+owner match) in the same transaction as its ``events`` row, so the log and the tables never
+disagree and a daemon that lost its lease cannot overwrite the new owner's work.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, exists, func, insert, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from orchestrator.domain import Event, Job, Step
+from orchestrator.errors import NotFoundError, StaleTransition, UserError
+from orchestrator.machine import (
+    STATE_TABLE_VERSION,
+    STEP_ORDER,
+    JobState,
+    StepName,
+    StepState,
+    check_job_edge,
+    check_step_edge,
+)
+from orchestrator.spec import SPEC_VERSION, JobSpec
+from orchestrator.store import db
+from orchestrator.store.schema import events, jobs, steps
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class JobStore:
+    """Reads and writes jobs; the engine and the CLI share it."""
+
+    def __init__(self, engine: AsyncEngine, *, clock: Callable[[], datetime] = utcnow) -> None:
+        self.engine = engine
+        self._writer = engine.execution_options(**{db.WRITE: True})
+        self.clock = clock
+
+    @classmethod
+    async def open(cls, url: str, *, auto_upgrade: bool | None = None) -> JobStore:
+        """Open the database at ``url``, checking (and on SQLite applying) migrations."""
+        engine = db.create_engine(url)
+        try:
+            upgrade = db.is_sqlite(url) if auto_upgrade is None else auto_upgrade
+            await db.prepare(engine, url, auto_upgrade=upgrade)
+        except BaseException:
+            await engine.dispose()
+            raise
+        return cls(engine)
+
+    async def close(self) -> None:
+        """Release every connection."""
+        await self.engine.dispose()
+
+    # --- submitting and reading -------------------------------------------------------------
+
+    async def submit(self, spec: JobSpec) -> Job:
+        """Insert a PENDING job with its steps, all PENDING."""
+        now = self.clock()
+        job_id = uuid.uuid4().hex
+        async with self._writer.begin() as conn:
+            await conn.execute(
+                insert(jobs).values(
+                    id=job_id,
+                    name=spec.name,
+                    state=JobState.PENDING,
+                    spec=spec.model_dump(mode="json"),
+                    spec_version=SPEC_VERSION,
+                    state_version=STATE_TABLE_VERSION,
+                    recoveries=0,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            await conn.execute(
+                insert(steps),
+                [
+                    dict(job_id=job_id, name=name, position=i, state=StepState.PENDING,
+                         attempts=0, updated_at=now, extra={})
+                    for i, name in enumerate(STEP_ORDER)
+                ],
+            )
+            await self._event(conn, job_id, None, None, JobState.PENDING, f"submitted {spec.name!r}")
+        return await self.get(job_id)
+
+    async def resolve(self, ref: str) -> str:
+        """The full job ID for an ID or a unique prefix of one."""
+        ref = ref.strip().lower()
+        if not ref or not all(c in "0123456789abcdef" for c in ref):
+            raise NotFoundError(f"no job {ref!r}: job IDs are hexadecimal")
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(select(jobs.c.id).where(jobs.c.id.startswith(ref)).limit(6))
+            ).scalars().all()
+        if not rows:
+            raise NotFoundError(f"no job {ref!r}")
+        if len(rows) > 1:
+            listed = ", ".join(r[:12] for r in rows[:5])
+            raise UserError(f"job ID prefix {ref!r} is ambiguous: it matches {listed}; type more of it")
+        return rows[0]
+
+    async def get(self, job_id: str) -> Job:
+        """The job with its steps; NotFoundError if there is none."""
+        async with self.engine.connect() as conn:
+            job_row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).mappings().first()
+            if job_row is None:
+                raise NotFoundError(f"no job {job_id!r}")
+            step_rows = (
+                await conn.execute(select(steps).where(steps.c.job_id == job_id))
+            ).mappings().all()
+        return _job(job_row, step_rows)
+
+    async def list(
+        self, *, state: str | None = None, name: str | None = None, limit: int = 100
+    ) -> list[Job]:
+        """Jobs, newest first, without their steps."""
+        query = select(jobs).order_by(jobs.c.created_at.desc()).limit(limit)
+        if state:
+            query = query.where(jobs.c.state == state.upper())
+        if name:
+            query = query.where(jobs.c.name.contains(name, autoescape=True))
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [_job(row, ()) for row in rows]
+
+    async def events(self, job_id: str, *, after: int = 0) -> list[Event]:
+        """The job's events with an id greater than ``after``, oldest first."""
+        query = (
+            select(events)
+            .where(events.c.job_id == job_id, events.c.id > after)
+            .order_by(events.c.id)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [Event(**row) for row in rows]
+
+    # --- leases -----------------------------------------------------------------------------
+
+    async def claim(self, job_id: str, owner: str, *, lease: float) -> Job | None:
+        """Take one PENDING job (``fabricflow run``); None if it is not PENDING."""
+        now = self.clock()
+        async with self._writer.begin() as conn:
+            result = await conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.state == JobState.PENDING)
+                .values(state=JobState.RUNNING, lease_owner=owner,
+                        lease_expires_at=now + timedelta(seconds=lease), updated_at=now)
+            )
+            if result.rowcount != 1:
+                return None
+            await self._event(conn, job_id, None, JobState.PENDING, JobState.RUNNING, f"claimed by {owner}")
+        return await self.get(job_id)
+
+    async def claim_next(
+        self, owner: str, *, limit: int, lease: float, max_recoveries: int
+    ) -> list[str]:
+        """Claim up to ``limit`` runnable jobs: PENDING ones and RUNNING ones whose lease expired.
+
+        Taking over an expired lease counts as a recovery; a job recovered more than
+        ``max_recoveries`` times in a row ends FAILED instead of being run again.
+        """
+        if limit <= 0:
+            return []
+        now = self.clock()
+        runnable = or_(
+            and_(jobs.c.state == JobState.PENDING,
+                 or_(jobs.c.run_after.is_(None), jobs.c.run_after <= now)),
+            and_(jobs.c.state == JobState.RUNNING, jobs.c.lease_expires_at < now),
+        )
+        query = select(jobs.c.id, jobs.c.state, jobs.c.lease_owner, jobs.c.recoveries).where(runnable)
+        query = query.order_by(jobs.c.created_at).limit(limit)
+        if self.engine.dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        claimed: list[str] = []
+        async with self._writer.begin() as conn:
+            for row in (await conn.execute(query)).all():
+                if await self._take(conn, row, owner, now, lease, max_recoveries):
+                    claimed.append(row.id)
+        return claimed
+
+    async def reclaim_all(self, owner: str, *, lease: float, max_recoveries: int) -> list[str]:
+        """Take every RUNNING job whatever its lease (SQLite start-up: one daemon per file)."""
+        now = self.clock()
+        query = select(jobs.c.id, jobs.c.state, jobs.c.lease_owner, jobs.c.recoveries).where(
+            jobs.c.state == JobState.RUNNING
+        )
+        claimed: list[str] = []
+        async with self._writer.begin() as conn:
+            for row in (await conn.execute(query)).all():
+                if await self._take(conn, row, owner, now, lease, max_recoveries):
+                    claimed.append(row.id)
+        return claimed
+
+    async def _take(
+        self, conn: AsyncConnection, row: Any, owner: str, now: datetime, lease: float,
+        max_recoveries: int,
+    ) -> bool:
+        src = JobState(row.state)
+        recovered = src is JobState.RUNNING
+        recoveries = row.recoveries + 1 if recovered else row.recoveries
+        guard = and_(jobs.c.id == row.id, jobs.c.state == src,
+                     _eq_or_null(jobs.c.lease_owner, row.lease_owner))
+        if recoveries > max_recoveries:
+            message = (
+                f"interrupted {row.recoveries} times in a row (crashes or lost leases) without "
+                f"progress; giving up on this poison job. `fabricflow retry {row.id[:8]}` runs it again"
+            )
+            error = {"code": "fabricflow.poison", "message": message, "request_id": None}
+            await conn.execute(
+                update(jobs).where(guard).values(
+                    state=JobState.FAILED, error=error, lease_owner=None, lease_expires_at=None,
+                    updated_at=now, finished_at=now, recoveries=recoveries)
+            )
+            await self._event(conn, row.id, None, src, JobState.FAILED, message)
+            return False
+        result = await conn.execute(
+            update(jobs).where(guard).values(
+                state=JobState.RUNNING, lease_owner=owner, recoveries=recoveries,
+                lease_expires_at=now + timedelta(seconds=lease), updated_at=now)
+        )
+        if result.rowcount != 1:
+            return False
+        detail = (f"recovered by {owner} (previous owner {row.lease_owner}, recovery {recoveries})"
+                  if recovered else f"claimed by {owner}")
+        await self._event(conn, row.id, None, src, JobState.RUNNING, detail)
+        return True
+
+    async def heartbeat(self, owner: str, *, lease: float) -> int:
+        """Extend every lease ``owner`` holds, in one statement; returns how many."""
+        now = self.clock()
+        async with self._writer.begin() as conn:
+            result = await conn.execute(
+                update(jobs)
+                .where(jobs.c.lease_owner == owner, jobs.c.state == JobState.RUNNING)
+                .values(lease_expires_at=now + timedelta(seconds=lease))
+            )
+        return result.rowcount
+
+    async def release(self, job_id: str, owner: str, *, detail: str, crashed: bool = False) -> None:
+        """Hand a RUNNING job back: PENDING, no owner.
+
+        ``crashed`` (the run died of an unexpected error) counts towards the poison-job limit and
+        delays the next claim a little, so a job that always crashes cannot spin.
+        """
+        values: dict[str, Any] = {}
+        if crashed:
+            values["recoveries"] = jobs.c.recoveries + 1
+            values["run_after"] = self.clock() + timedelta(seconds=5)
+        await self._move_job(job_id, owner, JobState.PENDING, detail=detail, **values)
+
+    async def finish(
+        self, job_id: str, owner: str, state: JobState, *, detail: str,
+        error: dict[str, Any] | None = None, result: dict[str, Any] | None = None,
+    ) -> None:
+        """End a RUNNING job in a terminal state."""
+        values: dict[str, Any] = {"error": error}
+        if result is not None:
+            values["result"] = result
+        await self._move_job(job_id, owner, state, detail=detail, **values)
+
+    async def _move_job(self, job_id: str, owner: str, to: JobState, *, detail: str, **values: Any) -> None:
+        check_job_edge(JobState.RUNNING, to)
+        now = self.clock()
+        values.update(state=to, lease_owner=None, lease_expires_at=None, updated_at=now)
+        if to.is_terminal:
+            values["finished_at"] = now
+        async with self._writer.begin() as conn:
+            result = await conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.state == JobState.RUNNING, jobs.c.lease_owner == owner)
+                .values(**values)
+            )
+            if result.rowcount != 1:
+                raise StaleTransition(f"job {job_id} is no longer RUNNING under {owner}")
+            await self._event(conn, job_id, None, JobState.RUNNING, to, detail)
+
+    async def save_result(self, job_id: str, owner: str, result: dict[str, Any]) -> None:
+        """Store the job's result (the reply) while it still runs."""
+        async with self._writer.begin() as conn:
+            await conn.execute(
+                update(jobs).where(jobs.c.id == job_id, jobs.c.lease_owner == owner)
+                .values(result=result, updated_at=self.clock())
+            )
+
+    # --- steps ------------------------------------------------------------------------------
+
+    async def move_step(
+        self, job_id: str, owner: str, name: StepName, *, expected: StepState, to: StepState,
+        detail: str, job_result: dict[str, Any] | None = None, **fields: Any,
+    ) -> None:
+        """Compare-and-set one step from ``expected`` to ``to`` and log it, under the lease.
+
+        ``job_result`` is stored on the job in the same transaction (the invocation's reply).
+        """
+        check_step_edge(expected, to)
+        now = self.clock()
+        fields.update(state=to, updated_at=now)
+        if expected is StepState.PENDING:
+            fields.setdefault("started_at", now)
+        if to in (StepState.SUCCEEDED, StepState.SKIPPED, StepState.FAILED):
+            fields.setdefault("finished_at", now)
+        held = exists().where(jobs.c.id == job_id, jobs.c.lease_owner == owner,
+                              jobs.c.state == JobState.RUNNING)
+        async with self._writer.begin() as conn:
+            result = await conn.execute(
+                update(steps)
+                .where(steps.c.job_id == job_id, steps.c.name == name, steps.c.state == expected, held)
+                .values(**fields)
+            )
+            if result.rowcount != 1:
+                raise StaleTransition(f"step {name} of job {job_id} is not {expected} under {owner}")
+            job_values: dict[str, Any] = {"updated_at": now}
+            if to.is_done:
+                job_values["recoveries"] = 0  # progress: the crash streak is over
+            if job_result is not None:
+                job_values["result"] = job_result
+            await conn.execute(update(jobs).where(jobs.c.id == job_id).values(**job_values))
+            await self._event(conn, job_id, name, expected, to, detail)
+
+    async def note(self, job_id: str, detail: str, *, step: StepName | None = None) -> None:
+        """Log an event that changes no state (a retry, a poll result worth keeping)."""
+        async with self._writer.begin() as conn:
+            await self._event(conn, job_id, step, None, None, detail)
+
+    async def _event(
+        self, conn: AsyncConnection, job_id: str, step: str | None, src: str | None,
+        dst: str | None, detail: str,
+    ) -> None:
+        await conn.execute(
+            insert(events).values(job_id=job_id, at=self.clock(), step=step,
+                                  from_state=src, to_state=dst, detail=detail)
+        )
+
+    async def count(self, *, state: JobState | None = None) -> int:
+        """How many jobs there are (in a state)."""
+        query = select(func.count()).select_from(jobs)
+        if state is not None:
+            query = query.where(jobs.c.state == state)
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(query)).scalar_one())
+
+
+def _eq_or_null(column: Any, value: Any) -> Any:
+    return column.is_(None) if value is None else column == value
+
+
+def _job(row: Any, step_rows: Iterable[Any]) -> Job:
+    parsed = {
+        StepName(s["name"]): Step(
+            name=StepName(s["name"]),
+            state=StepState(s["state"]),
+            resource_id=s["resource_id"],
+            resource_status=s["resource_status"],
+            request_name=s["request_name"],
+            extra=s["extra"] or {},
+            attempts=s["attempts"],
+            error=s["error"],
+            started_at=s["started_at"],
+            updated_at=s["updated_at"],
+            finished_at=s["finished_at"],
+        )
+        for s in step_rows
+    }
+    return Job(
+        id=row["id"], name=row["name"], state=JobState(row["state"]), spec=row["spec"],
+        steps=parsed, created_at=row["created_at"], updated_at=row["updated_at"],
+        spec_version=row["spec_version"], state_version=row["state_version"], error=row["error"],
+        result=row["result"], lease_owner=row["lease_owner"],
+        lease_expires_at=row["lease_expires_at"], recoveries=row["recoveries"],
+        finished_at=row["finished_at"],
+    )
