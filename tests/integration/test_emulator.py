@@ -176,6 +176,13 @@ async def test_invocation_defaults_to_stream_and_honours_stream_false_and_max_to
     status, _, err = await api.call("POST", path, {"messages": []})
     assert (status, err["error_code"]) == (400, "FABRIC.0400")
 
+    fresh = await api.ok("POST", f"{ids['base']}/services/instances", {
+        "source": {"id": ids["model"]}, "name": "second", "endpoint_id": ids["ep"]})
+    status, _, err = await api.call(
+        "POST", f"{ids['base']}/services/instances/{fresh['id']}/invocations",
+        {"messages": [{"role": "user", "content": "too early"}]})
+    assert (status, err["error_code"]) == (400, "FABRIC.0412") and "CREATING" in err["error_msg"]
+
 
 async def test_list_pagination_fuzzy_name_and_total(emulator: RunningEmulator,
                                                     http_session: aiohttp.ClientSession) -> None:
@@ -193,6 +200,12 @@ async def test_list_pagination_fuzzy_name_and_total(emulator: RunningEmulator,
     assert (await api.ok("GET", "/v1/workspaces", params={"name": "TEAM"}))["total"] == 0
     by_id = await api.ok("GET", "/v1/workspaces", params={"id": other["id"]})
     assert [w["name"] for w in by_id["workspaces"]] == ["other_ws"]
+    ids_seen = {(await api.call("GET", "/v1/workspaces"))[1]["X-Request-Id"] for _ in range(3)}
+    assert len(ids_seen) == 3  # a fresh request id per response
+    renamed = await api.ok("PUT", f"/v1/workspaces/{other['id']}", {"name": "other-ws2"})
+    assert renamed["name"] == "other-ws2"
+    status, _, err = await api.call("PUT", f"/v1/workspaces/{other['id']}", {"name": "team-a-00"})
+    assert (status, err["error_code"]) == (400, "FABRIC.0409")
     everything = await api.ok("GET", "/v1/workspaces", params={"limit": 100})
     assert everything["total"] == 13 and len(everything["workspaces"]) == 13
 
@@ -369,6 +382,12 @@ async def test_fail_next_fails_before_doing_anything(
     assert err["request_id"] == headers["X-Request-Id"]
     status, _, err = await api.call("POST", "/_emulator/faults", {"fail_rate": 2})
     assert (status, err["error_code"]) == (400, "FABRIC.0400")
+
+    await api.ok("POST", "/_emulator/faults", {"drop_next": 1})
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        await api.call("POST", "/v1/workspaces", {"name": "dropped"})
+    await api.ok("POST", "/v1/workspaces", {"name": "answered"})
+    assert set((await api.stats())["created"]["workspace"]) == {"wanted", "dropped", "answered"}
 
 
 async def test_drop_creates_but_never_answers(emulator_factory: Any,

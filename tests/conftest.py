@@ -1,0 +1,59 @@
+"""Fixtures shared by every test tier: a real SQLite file migrated by Alembic, and the spec."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import stamina
+import yaml
+
+from orchestrator.spec import JobSpec, parse_spec
+from orchestrator.store.jobs import JobStore
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICKSTART = ROOT / "examples" / "quickstart.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """No test reads the developer's credentials, config or data directory."""
+    for name in list(os.environ):
+        if name.startswith(("FABRICFLOW_", "HUAWEICLOUD_SDK_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HUAWEICLOUD_SDK_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    stamina.set_testing(True, attempts=3)  # in-call read retries without real waits
+    yield
+    stamina.set_testing(False)
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    """A SQLite database file in the test's own directory."""
+    return f"sqlite+aiosqlite:///{tmp_path / 'jobs.db'}"
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[JobStore]:
+    """A JobStore on a fresh, migrated SQLite file."""
+    opened = await JobStore.open(db_url)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+@pytest.fixture
+def spec_data() -> dict[str, Any]:
+    """The quickstart spec as plain data, to be varied by each test."""
+    return copy.deepcopy(yaml.safe_load(QUICKSTART.read_text()))
+
+
+def make_spec(data: dict[str, Any], **changes: Any) -> JobSpec:
+    """The spec with top-level fields replaced."""
+    return parse_spec({**data, **changes}, "test-spec")

@@ -1,0 +1,187 @@
+"""The runner against the real emulator on loopback and a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import pytest
+
+from orchestrator.domain import ownership_marker
+from orchestrator.engine.runner import EngineSettings, Runner
+from orchestrator.fabric.client import FabricClient
+from orchestrator.machine import JobState, StepName, StepState
+from orchestrator.store.jobs import JobStore
+from tests.conftest import make_spec
+
+FAST = EngineSettings(poll_initial=0.05, poll_max=0.2, max_attempts=6, backoff_base=0.01, backoff_cap=0.05)
+OWNER = "test-owner"
+
+
+async def run_job(store: JobStore, url: str, spec: Any, *, settings: EngineSettings = FAST) -> Any:
+    job = await store.submit(spec)
+    assert await store.claim(job.id, OWNER, lease=30) is not None
+    async with FabricClient(url) as client:
+        await Runner(store, client, owner=OWNER, settings=settings).run(job.id)
+    return await store.get(job.id)
+
+
+async def stats(url: str) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/_emulator/stats") as resp:
+        return await resp.json()
+
+
+async def faults(url: str, **knobs: Any) -> None:
+    async with aiohttp.ClientSession() as session, session.post(f"{url}/_emulator/faults", json=knobs) as resp:
+        assert resp.status == 200, await resp.text()
+
+
+def created_once(counts: dict[str, Any], spec_data: dict[str, Any]) -> None:
+    assert counts["created"]["workspace"] == {spec_data["workspace"]["name"]: 1}
+    assert counts["created"]["endpoint"] == {spec_data["endpoint"]["name"]: 1}
+    assert counts["created"]["model"] == {spec_data["model"]["name"]: 1}
+    assert counts["created"]["service_instance"] == {spec_data["service_instance"]["name"]: 1}
+
+
+async def test_job_runs_end_to_end(store, emulator, spec_data):
+    job = await run_job(store, emulator.url, make_spec(spec_data))
+
+    assert job.state is JobState.SUCCEEDED
+    assert all(s.state is StepState.SUCCEEDED for s in job.steps.values())
+    out = job.as_json()["result"]
+    for key in ("workspace_id", "endpoint_id", "model_id", "model_version_id", "service_instance_id"):
+        assert out[key], key
+    assert "You said: hello" in out["reply"]
+    assert out["finish_reason"] == "stop"
+    assert out["usage"]["total_tokens"] > 0
+    assert job.steps[StepName.ENDPOINT_READY].resource_status == "RUNNING"
+    created_once(await stats(emulator.url), spec_data)
+    edges = [(e.step, e.from_state, e.to_state) for e in await store.events(job.id)]
+    assert edges[0] == (None, None, "PENDING")
+    assert ("workspace", "PENDING", "IN_FLIGHT") in edges
+    assert edges[-1] == (None, "RUNNING", "SUCCEEDED")
+
+
+async def test_create_failed_endpoint_fails_job_with_fabric_error(store, emulator_factory, spec_data):
+    emu = await emulator_factory(ready_after=0.1, instance_ready_after=0.1, create_fail="apie_test")
+    job = await run_job(store, emu.url, make_spec(spec_data))
+
+    assert job.state is JobState.FAILED
+    step = job.steps[StepName.ENDPOINT_READY]
+    assert step.state is StepState.FAILED
+    assert step.resource_status == "CREATE_FAILED"
+    assert job.error is not None and job.error["code"] == step.error["code"]
+    assert "CREATE_FAILED" in job.error["message"]
+    assert job.steps[StepName.MODEL].state is StepState.PENDING  # nothing after the failure ran
+
+
+async def test_lost_create_responses_are_reconciled_not_resent(store, emulator_factory, spec_data):
+    # Every create reaches Fabric and creates the resource, but no response ever comes back.
+    emu = await emulator_factory(ready_after=0.1, instance_ready_after=0.1, drop_rate=1.0, seed=1)
+    job = await run_job(store, emu.url, make_spec(spec_data))
+
+    assert job.state is JobState.SUCCEEDED, job.error
+    created_once(await stats(emu.url), spec_data)
+    details = [e.detail or "" for e in await store.events(job.id)]
+    assert sum("created earlier by this job; adopted" in d for d in details) == 4
+
+
+async def test_transient_errors_are_retried_and_counted(store, emulator, spec_data):
+    await faults(emulator.url, fail_next=3, status=503)
+    job = await run_job(store, emulator.url, make_spec(spec_data))
+
+    assert job.state is JobState.SUCCEEDED
+    assert job.steps[StepName.WORKSPACE].attempts >= 1
+    created_once(await stats(emulator.url), spec_data)
+
+
+async def test_same_named_foreign_resource_is_a_conflict(store, emulator, spec_data):
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(f"{emulator.url}/v1/workspaces",
+                                  json={"name": spec_data["workspace"]["name"], "description": "mine"})
+        foreign = (await resp.json())["id"]
+    job = await run_job(store, emulator.url, make_spec(spec_data))
+
+    assert job.state is JobState.FAILED
+    assert job.error["code"] == "fabricflow.conflict"
+    assert foreign in job.error["message"]
+    assert "on_existing: adopt" in job.error["message"]
+    assert (await stats(emulator.url))["created"]["workspace"] == {spec_data["workspace"]["name"]: 1}
+
+
+async def test_on_existing_adopt_reuses_and_marks_skipped(store, emulator, spec_data):
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(f"{emulator.url}/v1/workspaces",
+                                  json={"name": spec_data["workspace"]["name"], "description": "mine"})
+        foreign = (await resp.json())["id"]
+    job = await run_job(store, emulator.url, make_spec(spec_data, on_existing="adopt"))
+
+    assert job.state is JobState.SUCCEEDED
+    ws = job.steps[StepName.WORKSPACE]
+    assert (ws.state, ws.resource_id, ws.extra.get("adopted")) == (StepState.SKIPPED, foreign, True)
+
+
+async def test_in_flight_step_found_on_recovery_is_adopted(store, emulator, spec_data):
+    """A crash after the create reached Fabric but before its ID was committed."""
+    spec = make_spec(spec_data)
+    job = await store.submit(spec)
+    await store.claim(job.id, OWNER, lease=30)
+    await store.move_step(job.id, OWNER, StepName.WORKSPACE, expected=StepState.PENDING,
+                          to=StepState.IN_FLIGHT, detail="intent", request_name="apieworkspace")
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(f"{emulator.url}/v1/workspaces", json={
+            "name": "apieworkspace", "description": f"apie test workspace {ownership_marker(job.id)}"})
+        orphan = (await resp.json())["id"]
+    async with FabricClient(emulator.url) as client:
+        await Runner(store, client, owner=OWNER, settings=FAST).run(job.id)
+    job = await store.get(job.id)
+
+    assert job.state is JobState.SUCCEEDED
+    assert job.steps[StepName.WORKSPACE].resource_id == orphan
+    created_once(await stats(emulator.url), spec_data)
+
+
+async def test_wait_times_out_with_last_status(store, emulator_factory, spec_data):
+    emu = await emulator_factory(ready_after=60, instance_ready_after=0.1)
+    job = await run_job(store, emu.url, make_spec(spec_data, timeouts={"endpoint_ready": "1s"}))
+
+    assert job.state is JobState.FAILED
+    assert job.error["code"] == "fabricflow.timeout"
+    assert "waiting for endpoint" in job.error["message"]
+    assert "last status CREATING" in job.error["message"]
+
+
+async def test_reused_workspace_is_checked_and_skipped(store, emulator, spec_data):
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(f"{emulator.url}/v1/workspaces", json={"name": "existingws"})
+        ws_id = (await resp.json())["id"]
+    job = await run_job(store, emulator.url, make_spec(spec_data, workspace={"id": ws_id}))
+    assert job.state is JobState.SUCCEEDED
+    assert job.steps[StepName.WORKSPACE].state is StepState.SKIPPED
+
+    missing = await run_job(store, emulator.url, make_spec(spec_data, workspace={"id": "0" * 32}))
+    assert missing.state is JobState.FAILED
+    assert "does not exist" in missing.error["message"]
+
+
+async def test_many_jobs_waiting_on_one_endpoint_share_polls(store, emulator_factory, spec_data):
+    """Jobs that reuse one endpoint poll it together, not once each."""
+    emu = await emulator_factory(ready_after=1.0, instance_ready_after=0.1)
+    async with aiohttp.ClientSession() as session:
+        ws = (await (await session.post(f"{emu.url}/v1/workspaces", json={"name": "sharedws"})).json())["id"]
+        body = {"name": "shared", "type": "inference"}
+        ep = (await (await session.post(f"{emu.url}/v1/workspaces/{ws}/endpoints", json=body)).json())["id"]
+    before = (await stats(emu.url))["requests"]
+    specs = [make_spec(spec_data, name=f"j{i}", workspace={"id": ws}, endpoint={"id": ep},
+                       model={**spec_data["model"], "name": f"m{i}"},
+                       service_instance={"name": f"s{i}"}) for i in range(10)]
+    jobs = [await store.submit(s) for s in specs]
+    for j in jobs:
+        await store.claim(j.id, OWNER, lease=30)
+    async with FabricClient(emu.url) as client:
+        runner = Runner(store, client, owner=OWNER, settings=FAST)
+        await asyncio.gather(*(runner.run(j.id) for j in jobs))
+    assert {(await store.get(j.id)).state for j in jobs} == {JobState.SUCCEEDED}
+    # Each job alone would poll the endpoint ~10 times over that second.
+    assert (await stats(emu.url))["requests"] - before < 10 * 12
