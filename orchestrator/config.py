@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from sqlalchemy.engine import make_url
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -144,6 +145,10 @@ class Settings(BaseSettings):
     def masked(self) -> dict[str, Any]:
         """Effective settings for display: secrets shown as ``********`` when set."""
         data = self.model_dump(mode="json", exclude={"config_files"})
+        try:
+            data["db"] = make_url(self.db).render_as_string(hide_password=True)
+        except Exception:  # not a URL at all: nothing that parses as a password to hide
+            pass
         for key in ("auth_token", "ak", "sk", "security_token"):
             data[key] = "********" if getattr(self, key) is not None else None
         data["config_files"] = list(self.config_files)
@@ -197,6 +202,19 @@ def _sdk_credentials_file() -> dict[str, Any]:
     return {k: parser.get("basic", k) for k in keys if parser.get("basic", k, fallback="")}
 
 
+def _blame(error: Any, overrides: dict[str, Any], config_file: str | Path | None) -> str:
+    """Name where a bad value came from: an option, an environment variable or a file."""
+    path = ".".join(str(p) for p in error["loc"])
+    env_name = "FABRICFLOW_" + "__".join(str(p) for p in error["loc"]).upper()
+    if error["loc"] and error["loc"][0] in overrides:
+        where = f"--{str(error['loc'][0]).replace('_', '-')}"
+    elif env_name in os.environ:
+        where = env_name
+    else:
+        where = str(config_file) if config_file else str(DEFAULT_CONFIG_FILE)
+    return f"{where}: {path}: {error['msg']}"
+
+
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
     """Build Settings from defaults, config files, the environment and explicit overrides."""
     files = [DEFAULT_CONFIG_FILE] if DEFAULT_CONFIG_FILE.is_file() else []
@@ -206,17 +224,15 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        where = str(config_file) if config_file else "configuration"
-        problems = [
-            f"{where}: {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        ]
-        raise UserError("\n".join(problems)) from None
+        raise UserError("\n".join(_blame(e, overrides, config_file) for e in exc.errors())) from None
     finally:
         _files_var.reset(token)
-    if settings.region is not None and settings.fabric_url == EMBEDDED and "fabric_url" not in overrides:
+    if settings.region is not None:
         if settings.region not in REGIONS:
             raise UserError(f"--region: unknown region {settings.region!r} (known: {', '.join(REGIONS)})")
-        settings.fabric_url = f"https://fabric.{settings.region}.myhuaweicloud.com"
-        settings.fabric_ep_url = settings.fabric_ep_url or f"https://fabric-ep.{settings.region}.myhuaweicloud.com"
+        if "fabric_url" not in overrides:  # an explicit --fabric-url beats the region's hosts
+            settings.fabric_url = f"https://fabric.{settings.region}.myhuaweicloud.com"
+            if "fabric_ep_url" not in overrides:
+                settings.fabric_ep_url = f"https://fabric-ep.{settings.region}.myhuaweicloud.com"
     settings.config_files = tuple(str(f) for f in files)
     return settings

@@ -15,6 +15,9 @@ from datetime import datetime, timedelta
 #: upgraded daemon knows which table a job was submitted under.
 STATE_TABLE_VERSION = 1
 
+#: The longest a Retry-After header may delay a step, in seconds.
+MAX_RETRY_AFTER = 600.0
+
 
 class StepName(enum.StrEnum):
     """The steps of the procedure, in execution order (see ``STEPS``)."""
@@ -189,6 +192,8 @@ def decide(
     max_attempts: int,
     retry_after: float | None = None,
     poll_delay: float = 0.0,
+    backoff_base: float = 1.0,
+    backoff_cap: float = 30.0,
     rng: random.Random | None = None,
 ) -> Decision:
     """Map a step outcome to the next step state, attempt count and earliest next run.
@@ -197,6 +202,18 @@ def decide(
     keeps the step where it is and bumps ``attempts`` until ``max_attempts``; a terminal error
     fails the step and the job.
     """
+    decision = _decide(row, current, outcome, attempts=attempts, now=now, max_attempts=max_attempts,
+                       retry_after=retry_after, poll_delay=poll_delay, backoff_base=backoff_base,
+                       backoff_cap=backoff_cap, rng=rng)
+    check_step_edge(current, decision.state)  # decide() only ever produces edges of the table
+    return decision
+
+
+def _decide(
+    row: StepRow, current: StepState, outcome: OutcomeKind, *, attempts: int, now: datetime,
+    max_attempts: int, retry_after: float | None, poll_delay: float, backoff_base: float,
+    backoff_cap: float, rng: random.Random | None,
+) -> Decision:
     if outcome is OutcomeKind.SUCCEEDED:
         return Decision(StepState.SUCCEEDED, attempts, None)
     if outcome is OutcomeKind.STILL_WAITING:
@@ -209,9 +226,10 @@ def decide(
     tries = attempts + 1
     if tries >= max_attempts:
         return Decision(StepState.FAILED, tries, None, JobState.FAILED)
-    delay = backoff(tries, rng=rng)
+    delay = backoff(tries, base=backoff_base, cap=backoff_cap, rng=rng)
     if retry_after is not None:
-        delay = max(delay, retry_after)
+        # Honour the server's Retry-After, but never let one header park a step for hours.
+        delay = max(delay, min(retry_after, MAX_RETRY_AFTER))
     stay = current if current is not StepState.PENDING else _in_progress_state(row)
     return Decision(stay, tries, now + timedelta(seconds=delay))
 
@@ -228,6 +246,7 @@ def backoff(
     rng: random.Random | None = None,
 ) -> float:
     """Capped exponential backoff with full jitter on the upper half: base * 2**(attempt-1)."""
-    ceiling = min(cap, base * (2 ** max(0, attempt - 1)))
+    exponent = min(max(0, attempt - 1), 64)  # past 2**64 the cap wins anyway; avoids overflow
+    ceiling = min(cap, base * (2.0**exponent))
     jitter = (rng or random).uniform(0.5, 1.0)
     return ceiling * jitter

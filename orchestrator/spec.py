@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from orchestrator.errors import UserError
 
@@ -141,31 +141,48 @@ class Timeouts(_Strict):
     service_ready: Duration = 30 * 60.0
 
 
+def _create_or_reuse(value: Any) -> str:
+    # A mapping with an ``id`` is the reuse form; anything else is validated as a create body,
+    # so a bad field yields its own error and not every failure of the other form too.
+    # (Serialization calls this with the model instance itself.)
+    if isinstance(value, Reuse) or (isinstance(value, dict) and "id" in value):
+        return "reuse"
+    return "create"
+
+
+def _either(create: type[BaseModel]) -> Any:
+    return Annotated[
+        Annotated[create, Tag("create")] | Annotated[Reuse, Tag("reuse")],
+        Discriminator(_create_or_reuse),
+    ]
+
+
 class JobSpec(_Strict):
     """A whole job: what to create (or reuse), and what to ask the model."""
 
     name: str = Field(min_length=1, max_length=200)
-    workspace: WorkspaceSpec | Reuse
-    endpoint: EndpointSpec | Reuse
-    model: ModelSpec | Reuse
+    workspace: _either(WorkspaceSpec)  # type: ignore[valid-type]
+    endpoint: _either(EndpointSpec)  # type: ignore[valid-type]
+    model: _either(ModelSpec)  # type: ignore[valid-type]
     service_instance: ServiceInstanceSpec
     invocation: InvocationSpec
     timeouts: Timeouts = Timeouts()
     on_existing: Literal["fail", "adopt"] = "fail"
 
 
+_UNION_TAGS = frozenset({"create", "reuse"})
+
+
 def format_validation_error(exc: ValidationError, source: str) -> str:
     """One line per problem: ``source: field.path: reason``."""
     lines = []
     for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p)) or "(top level)"
+        loc = err["loc"]
+        # pydantic names the union member it validated against (loc[1]); users never wrote it.
+        parts = [p for i, p in enumerate(loc) if not (i == 1 and p in _UNION_TAGS)]
+        path = ".".join(str(p) for p in parts) or "(top level)"
         lines.append(f"{source}: {path}: {err['msg']}")
     return "\n".join(dict.fromkeys(lines))
-
-
-def _is_union_tag(part: Any) -> bool:
-    # pydantic names the union member it tried (e.g. "WorkspaceSpec"); users never wrote that.
-    return isinstance(part, str) and part[:1].isupper()
 
 
 def parse_spec(data: Any, source: str = "spec") -> JobSpec:

@@ -295,7 +295,9 @@ class Runner:
         kind = OutcomeKind.UNKNOWN if isinstance(exc, NeedsReconcileError) else OutcomeKind.RETRYABLE
         now = self.store.clock()
         decision = decide(ROWS[name], state, kind, attempts=attempts, now=now,
-                          max_attempts=self.settings.max_attempts, retry_after=exc.retry_after, rng=self.rng)
+                          max_attempts=self.settings.max_attempts, retry_after=exc.retry_after,
+                          backoff_base=self.settings.backoff_base, backoff_cap=self.settings.backoff_cap,
+                          rng=self.rng)
         if decision.state is StepState.FAILED:
             exc.message = f"gave up after {decision.attempts} attempts: {exc.message}"
             await self._fail(job, name, state, exc, attempts=decision.attempts)
