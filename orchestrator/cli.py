@@ -159,7 +159,7 @@ async def _run(settings: Settings, spec: Any) -> Any:
                 loop.add_signal_handler(sig, runner.stop.set)
             ticker = asyncio.create_task(_tick(store, job.id, printer))
             try:
-                async with heartbeat(store, owner, settings.daemon):
+                async with heartbeat(store, runner, settings.daemon):
                     state = await runner.run(job.id)
             finally:
                 ticker.cancel()
@@ -435,6 +435,10 @@ def config_group() -> None:
 def config_show(ctx: click.Context) -> None:
     """Print the effective settings as JSON, secrets masked."""
     emit_json(settings_from(ctx).masked())
+
+
+# The lifecycle commands register themselves on `main` when imported.
+from orchestrator import cli_lifecycle  # noqa: E402, F401
 
 
 def entry() -> None:  # pragma: no cover - console script shim

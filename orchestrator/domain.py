@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from orchestrator.machine import STEP_ORDER, JobState, StepName, StepState
+from orchestrator.machine import JobKind, JobState, StepName, StepState, order_of
 
 MARKER_PREFIX = "fabricflow"
 
@@ -63,6 +63,10 @@ class Job:
     steps: dict[StepName, Step]
     created_at: datetime
     updated_at: datetime
+    kind: JobKind = JobKind.CREATE
+    parent_id: str | None = None
+    cancel_requested_at: datetime | None = None
+    started_at: datetime | None = None
     spec_version: int = 1
     state_version: int = 1
     error: dict[str, Any] | None = None
@@ -71,6 +75,11 @@ class Job:
     lease_expires_at: datetime | None = None
     recoveries: int = 0
     finished_at: datetime | None = None
+
+    @property
+    def order(self) -> tuple[StepName, ...]:
+        """This job's step names in execution order."""
+        return order_of(self.kind)
 
     def step(self, name: StepName) -> Step:
         """The named step."""
@@ -97,9 +106,11 @@ class Job:
         return {
             "id": self.id,
             "name": self.name,
+            "kind": str(self.kind),
+            "parent_id": self.parent_id,
             "state": str(self.state),
             "error": self.error,
-            "steps": [self.steps[n].as_json() for n in STEP_ORDER],
+            "steps": [self.steps[n].as_json() for n in self.order],
             "result": {
                 "workspace_id": self.resource_id(StepName.WORKSPACE),
                 "endpoint_id": self.resource_id(StepName.ENDPOINT),
@@ -137,4 +148,37 @@ class Event:
             "from": self.from_state,
             "to": self.to_state,
             "detail": self.detail,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Invocation:
+    """One stored chat completion made on a job's service instance."""
+
+    id: int
+    job_id: str
+    at: datetime
+    service_instance_id: str
+    request: dict[str, Any]
+    reply: str | None
+    finish_reason: str | None
+    usage: dict[str, Any] | None
+    ttft_ms: int | None
+    duration_ms: int | None
+    error: dict[str, Any] | None
+
+    def as_json(self) -> dict[str, Any]:
+        """The object of ``invoke --json``."""
+        return {
+            "id": self.id,
+            "job_id": self.job_id,
+            "at": self.at.isoformat(),
+            "service_instance_id": self.service_instance_id,
+            "request": self.request,
+            "reply": self.reply,
+            "finish_reason": self.finish_reason,
+            "usage": self.usage,
+            "ttft_ms": self.ttft_ms,
+            "duration_ms": self.duration_ms,
+            "error": self.error,
         }

@@ -62,12 +62,20 @@ class JobState(enum.StrEnum):
         return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
 
+class JobKind(enum.StrEnum):
+    """What a job does: create the service, or tear down what another job created."""
+
+    CREATE = "create"
+    TEARDOWN = "teardown"
+
+
 class Action(enum.StrEnum):
     """What a step does to the world."""
 
     CREATE = "create"  # one create call, guarded by intent + reconciliation
     POLL = "poll"  # read a status until it is final
     INVOKE = "invoke"  # a streamed chat completion
+    DELETE = "delete"  # one delete call, then wait until the resource is gone
 
 
 class ResourceKind(enum.StrEnum):
@@ -102,6 +110,28 @@ STEPS: tuple[StepRow, ...] = (
 STEP_ORDER: tuple[StepName, ...] = tuple(row.name for row in STEPS)
 ROWS: dict[StepName, StepRow] = {row.name: row for row in STEPS}
 
+#: A teardown: the creating job's resources, deleted in reverse order, each waited until gone.
+TEARDOWN_STEPS: tuple[StepRow, ...] = (
+    StepRow(StepName.SERVICE_INSTANCE, Action.DELETE, ResourceKind.SERVICE_INSTANCE, "gone (404/DELETED)"),
+    StepRow(StepName.MODEL, Action.DELETE, ResourceKind.MODEL, "gone"),
+    StepRow(StepName.ENDPOINT, Action.DELETE, ResourceKind.ENDPOINT, "gone (404/DELETED)"),
+    StepRow(StepName.WORKSPACE, Action.DELETE, ResourceKind.WORKSPACE, "gone"),
+)
+TEARDOWN_ROWS: dict[StepName, StepRow] = {row.name: row for row in TEARDOWN_STEPS}
+
+#: The step table of each kind of job, in execution order.
+TABLES: dict[JobKind, tuple[StepRow, ...]] = {JobKind.CREATE: STEPS, JobKind.TEARDOWN: TEARDOWN_STEPS}
+
+
+def row_of(kind: JobKind, name: StepName) -> StepRow:
+    """The table row of a step of a kind of job."""
+    return (ROWS if kind is JobKind.CREATE else TEARDOWN_ROWS)[name]
+
+
+def order_of(kind: JobKind) -> tuple[StepName, ...]:
+    """The step names of a kind of job, in execution order."""
+    return tuple(row.name for row in TABLES[kind])
+
 #: Legal step-state edges. A self-edge means "same state, new attempt or new status".
 STEP_TRANSITIONS: frozenset[tuple[StepState, StepState]] = frozenset(
     {
@@ -112,6 +142,7 @@ STEP_TRANSITIONS: frozenset[tuple[StepState, StepState]] = frozenset(
         (StepState.IN_FLIGHT, StepState.IN_FLIGHT),
         (StepState.IN_FLIGHT, StepState.SUCCEEDED),
         (StepState.IN_FLIGHT, StepState.SKIPPED),  # a same-named resource adopted by request
+        (StepState.IN_FLIGHT, StepState.WAITING),  # a delete was accepted; wait until gone
         (StepState.IN_FLIGHT, StepState.FAILED),
         (StepState.WAITING, StepState.WAITING),
         (StepState.WAITING, StepState.SUCCEEDED),
@@ -131,6 +162,7 @@ JOB_TRANSITIONS: frozenset[tuple[JobState, JobState]] = frozenset(
         (JobState.RUNNING, JobState.FAILED),
         (JobState.RUNNING, JobState.CANCELLED),
         (JobState.FAILED, JobState.PENDING),  # `fabricflow retry`
+        (JobState.CANCELLED, JobState.PENDING),  # `fabricflow retry` of a cancelled job
     }
 )
 
@@ -151,9 +183,11 @@ def check_job_edge(src: JobState, dst: JobState) -> None:
         raise IllegalTransition(f"job {src} -> {dst} is not a legal transition")
 
 
-def next_step(states: dict[StepName, StepState]) -> StepName | None:
+def next_step(
+    states: dict[StepName, StepState], order: tuple[StepName, ...] = STEP_ORDER
+) -> StepName | None:
     """The first step, in table order, that is not done; None when all are."""
-    for name in STEP_ORDER:
+    for name in order:
         if not states[name].is_done:
             return name
     return None

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import TextIO
 
 from orchestrator.domain import Event, Job
-from orchestrator.machine import STEP_ORDER, StepName, StepState
+from orchestrator.machine import JobKind, StepName, StepState
 
 
 def _short(job_id: str) -> str:
@@ -70,9 +70,12 @@ def format_job(job: Job) -> str:
     lines = [
         f"job      {job.id}",
         f"name     {job.name}",
-        f"state    {job.state}",
+        f"state    {job.state}" + ("  (cancellation requested)" if job.cancel_requested_at
+                                   and not job.state.is_terminal else ""),
         f"created  {_when(job.created_at)}    updated {_when(job.updated_at)}",
     ]
+    if job.kind is JobKind.TEARDOWN:
+        lines.append(f"tears down job {job.parent_id}")
     if job.lease_owner:
         lines.append(f"held by  {job.lease_owner} until {_when(job.lease_expires_at)}")
     if job.error:
@@ -81,7 +84,7 @@ def format_job(job: Job) -> str:
     lines.append("")
     header = f"{'STEP':<17} {'STATE':<10} {'RESOURCE':<36} {'STATUS':<14} {'TRIES':>5} {'TIME':>7}"
     lines.append(header)
-    for name in STEP_ORDER:
+    for name in job.order:
         step = job.steps[name]
         lines.append(
             f"{name:<17} {step.state:<10} {step.resource_id or '-':<36} "
@@ -91,7 +94,7 @@ def format_job(job: Job) -> str:
         if step.error and step.state is not StepState.SUCCEEDED:
             lines.append(f"{'':<17} ! [{step.error.get('code')}] {step.error.get('message')}")
     model = job.steps[StepName.MODEL]
-    if model.extra.get("version_id"):
+    if job.kind is JobKind.CREATE and model.extra.get("version_id"):
         lines.append(f"\nmodel version  {model.extra['version_id']}")
     if job.result and job.result.get("reply") is not None:
         usage = job.result.get("usage") or {}

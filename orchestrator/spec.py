@@ -135,10 +135,18 @@ class InvocationSpec(_Strict):
 
 
 class Timeouts(_Strict):
-    """How long each wait may last."""
+    """How long each wait, and the whole job, may last."""
 
     endpoint_ready: Duration = 30 * 60.0
     service_ready: Duration = 30 * 60.0
+    job: Duration | None = None  # from the job's first claim; unset means no limit
+
+
+class Polling(_Strict):
+    """Status polling for this job: starts at ``initial``, doubles (with jitter) up to ``max``."""
+
+    initial: Duration | None = None
+    max: Duration | None = None
 
 
 def _create_or_reuse(value: Any) -> str:
@@ -167,6 +175,7 @@ class JobSpec(_Strict):
     service_instance: ServiceInstanceSpec
     invocation: InvocationSpec
     timeouts: Timeouts = Timeouts()
+    polling: Polling | None = None
     on_existing: Literal["fail", "adopt"] = "fail"
 
 

@@ -47,12 +47,17 @@ class EmulatorConfig:
     """Share of streamed invocations cut mid-way (connection closed, no ``[DONE]``)."""
     state_file: str | None = None
     """JSON file the resources are saved to after each change and loaded from at start."""
+    cold_start: float = 0.0
+    """Seconds the first invocation of a service instance waits before its first chunk when
+    the instance's endpoint reserves ``min: 0`` MU (scaled to zero, so it must start first)."""
 
     def __post_init__(self) -> None:
         for name in ("fail_rate", "drop_rate", "slow_rate", "cut_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {value}")
+        if self.cold_start < 0:
+            raise ValueError(f"cold_start must be >= 0, got {self.cold_start}")
         if self.auth not in ("none", "token", "aksk"):
             raise ValueError(f"auth must be none, token or aksk, got {self.auth!r}")
         if self.auth == "token" and not self.token:

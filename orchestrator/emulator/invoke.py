@@ -18,11 +18,14 @@ from aiohttp import web
 from .common import child_of
 from .errors import invalid, wrong_state
 from .keys import CONFIG, FAULTS
+from .resources import Resource, Store
 from .validation import json_body
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 WORDS_PER_CHUNK = 3
 DEFAULT_MAX_TOKENS = 4096  # [DOC] max_tokens 0 means the default
+# Per service instance id: the monotonic time its scaled-to-zero endpoint is warm again.
+WARM_AT = web.AppKey("warm_at", dict)
 
 
 def _content_text(content: Any) -> str:
@@ -93,6 +96,7 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     body = await json_body(request)
     last_user, prompt_tokens, max_tokens, stream = parse_request(body)
     words, finish = reply_words(last_user, max_tokens)
+    await _cold_start(request, store, res)
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
              "total_tokens": prompt_tokens + len(words)}
     base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
@@ -103,6 +107,31 @@ async def invoke(request: web.Request) -> web.StreamResponse:
             "choices": [{"index": 0, "finish_reason": finish,
                          "message": {"role": "assistant", "content": " ".join(words)}}]})
     return await _stream(request, base, words, finish, usage)
+
+
+def _scales_to_zero(store: Store, res: Resource) -> bool:
+    """Whether the instance's endpoint reserves ``min: 0`` MU (nothing kept warm)."""
+    endpoint = store.resources.get(res.fields["endpoint_id"])
+    if endpoint is None:
+        return False
+    mu = (endpoint.fields.get("reserved_resource") or {}).get("mu") or {}
+    return mu.get("min") == 0
+
+
+async def _cold_start(request: web.Request, store: Store, res: Resource) -> None:
+    """Delay the first invocation of a scaled-to-zero instance by ``cold_start`` seconds.
+
+    The first call fixes when the instance is warm; calls that arrive during the start wait
+    for the same moment, as they would behind a real scale-up, and later calls not at all.
+    """
+    delay = request.app[CONFIG].cold_start
+    if delay <= 0 or not _scales_to_zero(store, res):
+        return
+    warm_at: dict[str, float] = request.app[WARM_AT]
+    ready = warm_at.setdefault(res.id, store.clock() + delay)
+    wait = ready - store.clock()
+    if wait > 0:
+        await asyncio.sleep(wait)
 
 
 def _chunks(base: dict[str, Any], words: list[str], finish: str,
@@ -148,6 +177,7 @@ async def _stream(request: web.Request, base: dict[str, Any], words: list[str], 
 
 
 def add_routes(app: web.Application) -> None:
-    """Register the invocation route."""
+    """Register the invocation route (and the cold-start bookkeeping it needs)."""
+    app[WARM_AT] = {}
     app.router.add_post(
         "/v1/workspaces/{workspace_id}/services/instances/{instance_id}/invocations", invoke)

@@ -56,9 +56,15 @@ def sqlite_file_lock(url: str) -> AsyncIterator[None]:  # type: ignore[misc]
         handle.close()  # closing releases the lock; the kernel does the same on kill -9
 
 
+#: How often a runner's process looks for `fabricflow cancel` requests, in seconds.
+CANCEL_POLL_SECONDS = 1.0
+
+
 @contextlib.asynccontextmanager
-async def heartbeat(store: JobStore, owner: str, settings: DaemonSettings) -> AsyncIterator[None]:
-    """Renew every lease ``owner`` holds, with one statement per beat, while the block runs."""
+async def heartbeat(store: JobStore, runner: Runner, settings: DaemonSettings) -> AsyncIterator[None]:
+    """While the block runs: renew every lease the runner's owner holds (one statement per
+    beat), and pass cancellation requests written by the CLI on to the runner."""
+    owner = runner.owner
 
     async def beat() -> None:
         while True:
@@ -68,13 +74,25 @@ async def heartbeat(store: JobStore, owner: str, settings: DaemonSettings) -> As
             except Exception as exc:  # a missed beat is survivable; the next one may succeed
                 log.warning("heartbeat_failed", error=type(exc).__name__)
 
-    task = asyncio.create_task(beat(), name="heartbeat")
+    async def watch_cancels() -> None:
+        while True:
+            await asyncio.sleep(CANCEL_POLL_SECONDS)
+            try:
+                for job_id in await store.cancel_requested(owner):
+                    runner.request_cancel(job_id)
+            except Exception as exc:
+                log.warning("cancel_poll_failed", error=type(exc).__name__)
+
+    tasks = [asyncio.create_task(beat(), name="heartbeat"),
+             asyncio.create_task(watch_cancels(), name="cancel-watch")]
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 class Daemon:
@@ -103,7 +121,7 @@ class Daemon:
         cfg = self.settings
         lock = sqlite_file_lock(self.url) if db.is_sqlite(self.url) else contextlib.nullcontext()
         with lock:
-            async with heartbeat(self.store, self.owner, cfg):
+            async with heartbeat(self.store, self.runner, cfg):
                 if db.is_sqlite(self.url):
                     # This process owns the file, so every RUNNING job was orphaned by a crash.
                     for job_id in await self.store.reclaim_all(

@@ -35,7 +35,7 @@ class CreateStep:
     spec_key: str
     find: Callable[[FabricClient, Job, str], Awaitable[list[Found]]]
     create: Callable[[FabricClient, Job, dict[str, Any]], Awaitable[Found]]
-    get: Callable[[FabricClient, Job, str], Awaitable[Found | None]] | None = None
+    get: Callable[[FabricClient, Job, str], Awaitable[Found | None]] | None = None  # for reuse
 
     def body(self, job: Job, spec: JobSpec) -> dict[str, Any]:
         """The create body: the spec's fields, the job's ownership marker, earlier steps' IDs."""
@@ -110,6 +110,13 @@ async def _create_model(client: FabricClient, job: Job, body: dict[str, Any]) ->
     return Found(m.id, None, None, {"version_id": m.version_id})
 
 
+async def _get_model(client: FabricClient, job: Job, model_id: str) -> Found | None:
+    m = await client.get_model(_ws(job), model_id)
+    if m is None:
+        return None
+    return Found(m.id, None, m.description, {"version_id": m.current_version.id if m.current_version else None})
+
+
 async def _find_instances(client: FabricClient, job: Job, name: str) -> list[Found]:
     return [Found(i.id, i.status, i.description)
             for i in await client.find_service_instances(_ws(job), name)]
@@ -125,7 +132,7 @@ CREATE_STEPS: dict[StepName, CreateStep] = {
                                    _get_workspace),
     StepName.ENDPOINT: CreateStep("endpoint", "endpoint", _find_endpoints, _create_endpoint,
                                   _get_endpoint),
-    StepName.MODEL: CreateStep("model", "model", _find_models, _create_model),
+    StepName.MODEL: CreateStep("model", "model", _find_models, _create_model, _get_model),
     StepName.SERVICE_INSTANCE: CreateStep("service_instance", "service_instance", _find_instances,
                                           _create_instance),
 }

@@ -7,7 +7,7 @@ Only this module turns HTTP statuses and aiohttp exceptions into ``orchestrator.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -21,20 +21,35 @@ from yarl import URL
 from orchestrator.errors import FabricError, NeedsReconcileError, RetryableError, TerminalError
 from orchestrator.fabric import signing
 from orchestrator.fabric.models import (
+    BaseModelInfo,
     ChatResult,
     Created,
     Endpoint,
     Model,
     ModelCreated,
+    ModelVersion,
+    Page,
     ServiceInstance,
+    Spec,
     Wire,
     Workspace,
 )
 from orchestrator.fabric.stream import ChatAccumulator, SSEParser, StreamProtocolError
 
 CallKind = Literal["read", "create", "delete", "invoke"]
+"""What a call does; decides how ``classify`` treats a lost answer."""
+Host = Literal["fabric", "fabric-ep"]
+"""Which of the two Fabric hosts serves a path (REFERENCE §1)."""
+FilterValue = str | int | bool | Sequence[str] | None
+"""A list filter: None is dropped, booleans become ``true``/``false``, a sequence of strings
+becomes a repeated key (the SDK's ``multi`` collection format)."""
+
 PAGE_LIMIT = 100
+"""Page size of every list call (the largest Fabric allows)."""
 TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
+"""Statuses that mean "nothing happened, try again"."""
+MAX_INCALL_RETRY_AFTER = 5.0
+"""Longest Retry-After (seconds) an in-call read retry sleeps; longer ones go to the engine."""
 
 
 @dataclass(frozen=True)
@@ -66,12 +81,22 @@ class Timeouts:
 
 def parse_error_body(body: bytes) -> tuple[str | None, str | None]:
     """Fabric's ``(error_code, error_msg)`` from an error body, as the official SDK reads it."""
+    text = body.decode("utf-8", "replace").strip()[:500] or None
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
-        text = body.decode("utf-8", "replace").strip()
-        return None, text[:500] or None
-    return _find_error(data)
+        return None, text
+    code, message = _find_error(data)
+    return (code, message) if (code, message) != (None, None) else (None, text)
+
+
+def _body_request_id(body: bytes) -> str | None:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    value = data.get("request_id") if isinstance(data, dict) else None
+    return str(value) if value else None
 
 
 def _find_error(data: Any) -> tuple[str | None, str | None]:
@@ -93,14 +118,14 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     if not value:
         return None
     value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
+    if value.isdigit():  # RFC 9110 delta-seconds: digits only (no "inf", no "1e400")
+        return float(value)
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError):
         return None
+    if when.tzinfo is None:  # "-0000" means UTC with unknown origin; treat it as UTC
+        when = when.replace(tzinfo=UTC)
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
@@ -125,7 +150,7 @@ def classify(
     assert status is not None
     headers = headers or {}
     code, message = parse_error_body(body)
-    request_id = headers.get("X-Request-Id") or headers.get("x-request-id")
+    request_id = headers.get("X-Request-Id") or headers.get("x-request-id") or _body_request_id(body)
     text = f"{what}: HTTP {status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
     common = dict(status=status, code=code or str(status), request_id=request_id)
     if status == 429 or status in (502, 503, 504):
@@ -159,6 +184,11 @@ class FabricClient:
         self.read_attempts = read_attempts
         self._session: aiohttp.ClientSession | None = None
 
+    def __repr__(self) -> str:
+        # Never the credentials themselves: only which kind is configured.
+        return (f"FabricClient(base_url={self.base_url!r}, ep_url={self.ep_url!r}, "
+                f"auth={self._credentials.mode!r})")
+
     async def __aenter__(self) -> FabricClient:
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(
@@ -181,16 +211,27 @@ class FabricClient:
                                 what="create workspace")
         return _parse(Workspace, data, "create workspace")
 
+    async def list_workspaces(self, **filters: FilterValue) -> list[Workspace]:
+        """ListWorkspaces across all pages; filters: ``name`` (fuzzy), ``id``,
+        ``enterprise_project_id``."""
+        items = await self.list_all("/v1/workspaces", "workspaces", filters=filters)
+        return [_parse(Workspace, i, "list workspaces") for i in items]
+
     async def find_workspaces(self, name: str) -> list[Workspace]:
         """Workspaces whose name is exactly ``name`` (the server's filter is fuzzy)."""
-        items = await self._list_all("/v1/workspaces", "workspaces", {"name": name}, base=self.base_url)
+        items = await self.list_all("/v1/workspaces", "workspaces", filters={"name": name})
         return [_parse(Workspace, i, "list workspaces") for i in items if i.get("name") == name]
 
     async def get_workspace(self, workspace_id: str) -> Workspace | None:
         """The workspace with this ID, or None (there is no show call: list with ``id=``)."""
-        items = await self._list_all("/v1/workspaces", "workspaces", {"id": workspace_id}, base=self.base_url)
+        items = await self.list_all("/v1/workspaces", "workspaces", filters={"id": workspace_id})
         found = [i for i in items if i.get("id") == workspace_id]
         return _parse(Workspace, found[0], "list workspaces") if found else None
+
+    async def delete_workspace(self, workspace_id: str) -> None:
+        """DeleteWorkspace; a workspace that is already gone raises TerminalError 404."""
+        await self._json("DELETE", self.base_url, f"/v1/workspaces/{_seg(workspace_id)}",
+                         kind="delete", what="delete workspace")
 
     # --- endpoints --------------------------------------------------------------------------
 
@@ -206,11 +247,24 @@ class FabricClient:
         data = await self._json("GET", self.base_url, path, kind="read", what="show endpoint")
         return _parse(Endpoint, data, "show endpoint")
 
+    async def list_endpoints(self, workspace_id: str, **filters: FilterValue) -> list[Endpoint]:
+        """ListEndpoints across all pages (brief items); filters: ``name`` (fuzzy),
+        ``endpoint_id``, ``model_id``, ``type``, ``visibility``."""
+        items = await self.list_all(self._endpoints(workspace_id), "endpoints", filters=filters)
+        return [_parse(Endpoint, i, "list endpoints") for i in items]
+
     async def find_endpoints(self, workspace_id: str, name: str) -> list[Endpoint]:
         """Endpoints in the workspace named exactly ``name``."""
-        items = await self._list_all(f"/v1/workspaces/{_seg(workspace_id)}/endpoints", "endpoints",
-                                     {"name": name}, base=self.base_url)
+        items = await self.list_all(self._endpoints(workspace_id), "endpoints", filters={"name": name})
         return [_parse(Endpoint, i, "list endpoints") for i in items if i.get("name") == name]
+
+    async def delete_endpoint(self, workspace_id: str, endpoint_id: str) -> None:
+        """DeleteEndpoint: the endpoint goes DELETING, then DELETED (404 from then on)."""
+        await self._json("DELETE", self.base_url, f"{self._endpoints(workspace_id)}/{_seg(endpoint_id)}",
+                         kind="delete", what="delete endpoint")
+
+    def _endpoints(self, workspace_id: str) -> str:
+        return f"/v1/workspaces/{_seg(workspace_id)}/endpoints"
 
     # --- models -----------------------------------------------------------------------------
 
@@ -220,11 +274,56 @@ class FabricClient:
                                 body=body, kind="create", what="create model")
         return _parse(ModelCreated, data, "create model")
 
+    async def list_models(self, workspace_id: str, **filters: FilterValue) -> list[Model]:
+        """ListModels across all pages; filters: ``name`` (fuzzy), ``id``, ``type``,
+        ``visibility``, ``sort_by``, ``order_by``."""
+        items = await self.list_all(self._models(workspace_id), "models", filters=filters)
+        return [_parse(Model, i, "list models") for i in items]
+
     async def find_models(self, workspace_id: str, name: str) -> list[Model]:
         """Models in the workspace named exactly ``name``."""
-        items = await self._list_all(f"/v1/workspaces/{_seg(workspace_id)}/models", "models",
-                                     {"name": name}, base=self.base_url)
+        items = await self.list_all(self._models(workspace_id), "models", filters={"name": name})
         return [_parse(Model, i, "list models") for i in items if i.get("name") == name]
+
+    async def get_model(self, workspace_id: str, model_id: str) -> Model | None:
+        """The model with this ID, or None (there is no show call: list with ``id=``)."""
+        items = await self.list_all(self._models(workspace_id), "models", filters={"id": model_id})
+        found = [i for i in items if i.get("id") == model_id]
+        return _parse(Model, found[0], "list models") if found else None
+
+    async def list_model_versions(
+        self, workspace_id: str, model_id: str, **filters: FilterValue
+    ) -> list[ModelVersion]:
+        """ListModelVersions across all pages; filters: ``version_id``, ``name`` (fuzzy)."""
+        path = f"{self._models(workspace_id)}/{_seg(model_id)}/versions"
+        items = await self.list_all(path, "versions", filters=filters)
+        return [_parse(ModelVersion, i, "list model versions") for i in items]
+
+    async def delete_model(self, workspace_id: str, model_id: str) -> None:
+        """CleanupModel: delete a model no service instance uses (at once; 404 afterwards)."""
+        await self._json("DELETE", self.base_url, f"{self._models(workspace_id)}/{_seg(model_id)}",
+                         kind="delete", what="delete model")
+
+    def _models(self, workspace_id: str) -> str:
+        return f"/v1/workspaces/{_seg(workspace_id)}/models"
+
+    # --- catalogues -------------------------------------------------------------------------
+
+    async def list_base_models(self) -> list[BaseModelInfo]:
+        """ListBaseModels: the ``base_model_type`` values a model version may name."""
+        items = await self.list_all("/v1/base-models", "models")
+        return [_parse(BaseModelInfo, i, "list base models") for i in items]
+
+    async def list_specs(
+        self, scenario: str | None = None, spec_code: str | None = None, *,
+        spec_types: Sequence[str] = (),
+    ) -> list[Spec]:
+        """ListSpecs: resource specs; ``scenario`` is ``ENDPOINT`` or ``COMPUTE``, ``spec_types``
+        any of ``MU``, ``APU``, ``DPU``, ... (sent as a repeated key)."""
+        filters: dict[str, FilterValue] = {"scenario": scenario, "spec_code": spec_code,
+                                           "spec_types": list(spec_types) or None}
+        items = await self.list_all("/v1/specs", "spec_codes", filters=filters)
+        return [_parse(Spec, i, "list specs") for i in items]
 
     # --- service instances ------------------------------------------------------------------
 
@@ -243,11 +342,26 @@ class FabricClient:
         data = await self._json("GET", self.ep_url, path, kind="read", what="show service instance")
         return _parse(ServiceInstance, data, "show service instance")
 
+    async def list_service_instances(
+        self, workspace_id: str, **filters: FilterValue
+    ) -> list[ServiceInstance]:
+        """ListServicesInstances across all pages (brief items); filters: ``id``, ``name``
+        (fuzzy), ``endpoint_id``, ``source_id``, ``version_id``, ``type``, ``visibility``,
+        ``sort_by``, ``order_by``."""
+        items = await self.list_all(self._instances(workspace_id), "service_instances",
+                                    filters=filters, host="fabric-ep")
+        return [_parse(ServiceInstance, i, "list service instances") for i in items]
+
     async def find_service_instances(self, workspace_id: str, name: str) -> list[ServiceInstance]:
         """Service instances in the workspace named exactly ``name``."""
-        items = await self._list_all(self._instances(workspace_id), "service_instances",
-                                     {"name": name}, base=self.ep_url)
+        items = await self.list_all(self._instances(workspace_id), "service_instances",
+                                    filters={"name": name}, host="fabric-ep")
         return [_parse(ServiceInstance, i, "list service instances") for i in items if i.get("name") == name]
+
+    async def delete_service_instance(self, workspace_id: str, instance_id: str) -> None:
+        """DeleteServiceInstance: the instance goes DELETING, then DELETED (404 from then on)."""
+        await self._json("DELETE", self.ep_url, f"{self._instances(workspace_id)}/{_seg(instance_id)}",
+                         kind="delete", what="delete service instance")
 
     # --- invocation -------------------------------------------------------------------------
 
@@ -299,23 +413,56 @@ class FabricClient:
 
     # --- plumbing ---------------------------------------------------------------------------
 
-    async def _list_all(
-        self, path: str, key: str, query: dict[str, str], *, base: str
-    ) -> list[dict[str, Any]]:
-        """Every item of a list call, across all pages."""
-        items: list[dict[str, Any]] = []
+    async def iter_pages(
+        self, path: str, key: str, *, filters: Mapping[str, FilterValue] | None = None,
+        host: Host = "fabric", page_size: int | None = None,
+    ) -> AsyncIterator[Page]:
+        """Every page of a list call, in order, ``page_size`` (default `PAGE_LIMIT`) at a time.
+
+        ``key`` names the items in the answer (``workspaces``, ``endpoints``, ...). Stops at
+        an empty or short page, or once ``total`` items have been seen.
+        """
+        limit = page_size or PAGE_LIMIT
+        if not 1 <= limit <= 100:
+            raise ValueError(f"page_size must be between 1 and 100, got {limit}")
+        base_query = query_pairs(filters or {})
+        if any(name in ("offset", "limit") for name, _ in base_query):
+            raise ValueError("offset and limit are set by the pager, not by filters")
+        base = self.ep_url if host == "fabric-ep" else self.base_url
         offset = 0
         while True:
-            page_query = [*query.items(), ("offset", str(offset)), ("limit", str(PAGE_LIMIT))]
-            data = await self._json("GET", base, path, query=page_query, kind="read", what=f"list {key}")
-            if not isinstance(data, dict) or not isinstance(data.get(key, []), list):
+            query = [*base_query, ("offset", str(offset)), ("limit", str(limit))]
+            data = await self._json("GET", base, path, query=query, kind="read", what=f"list {key}")
+            if not isinstance(data, dict) or not isinstance(data.get(key) or [], list):
                 raise TerminalError(f"list {key}: unexpected response shape")
-            page = data.get(key) or []
-            items.extend(i for i in page if isinstance(i, dict))
-            offset += len(page)
+            items = [i for i in data.get(key) or [] if isinstance(i, dict)]
             total = data.get("total")
-            if not page or (isinstance(total, int) and offset >= total):
-                return items
+            page = Page(total=total if isinstance(total, int) else None, items=items)
+            yield page
+            offset += len(items)
+            if len(items) < limit or (page.total is not None and offset >= page.total):
+                return
+
+    async def list_all(
+        self, path: str, key: str, *, filters: Mapping[str, FilterValue] | None = None,
+        host: Host = "fabric",
+    ) -> list[dict[str, Any]]:
+        """Every item of a list call across all pages, as raw dicts.
+
+        Items are de-duplicated by ``id``: a resource created while paging shifts the
+        later pages by one, and must not look like two resources with the same name.
+        """
+        items: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        async for page in self.iter_pages(path, key, filters=filters, host=host):
+            for item in page.items:
+                item_id = item.get("id")
+                if isinstance(item_id, str):
+                    if item_id in seen:
+                        continue
+                    seen.add(item_id)
+                items.append(item)
+        return items
 
     async def _json(
         self, method: str, base: str, path: str, *, kind: CallKind, what: str,
@@ -323,7 +470,7 @@ class FabricClient:
     ) -> Any:
         if kind == "read":
             async for attempt in stamina.retry_context(
-                on=RetryableError, attempts=self.read_attempts, wait_initial=0.2, wait_max=2.0,
+                on=_read_backoff, attempts=self.read_attempts, wait_initial=0.2, wait_max=2.0,
                 timeout=None,
             ):
                 with attempt:
@@ -374,6 +521,36 @@ class FabricClient:
         if timeout is not None:
             kwargs["timeout"] = timeout
         return self._session.request(method, URL(url, encoded=True), **kwargs)
+
+
+def query_pairs(filters: Mapping[str, FilterValue]) -> list[tuple[str, str]]:
+    """Query pairs from list filters, as the SDK sends them (see `FilterValue`)."""
+    pairs: list[tuple[str, str]] = []
+    for name, value in filters.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            pairs.append((name, "true" if value else "false"))
+        elif isinstance(value, (str, int)):
+            pairs.append((name, str(value)))
+        else:
+            pairs.extend((name, str(v)) for v in value)
+    return pairs
+
+
+def _read_backoff(exc: Exception) -> bool | float:
+    """stamina backoff hook for reads: retry RetryableError, sleeping its Retry-After if any.
+
+    A Retry-After longer than `MAX_INCALL_RETRY_AFTER` is not waited for here: the error goes
+    up with ``retry_after`` set, and the engine schedules the step that much later.
+    """
+    if not isinstance(exc, RetryableError):
+        return False
+    if exc.retry_after is None:
+        return True
+    if exc.retry_after > MAX_INCALL_RETRY_AFTER:
+        return False
+    return exc.retry_after
 
 
 def _seg(value: str) -> str:

@@ -15,20 +15,21 @@ from typing import Any
 from sqlalchemy import and_, exists, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from orchestrator.domain import Event, Job, Step
+from orchestrator.domain import Event, Invocation, Job, Step
 from orchestrator.errors import NotFoundError, StaleTransition, UserError
 from orchestrator.machine import (
     STATE_TABLE_VERSION,
-    STEP_ORDER,
+    JobKind,
     JobState,
     StepName,
     StepState,
     check_job_edge,
     check_step_edge,
+    order_of,
 )
 from orchestrator.spec import SPEC_VERSION, JobSpec
 from orchestrator.store import db
-from orchestrator.store.schema import events, jobs, steps
+from orchestrator.store.schema import events, invocations, jobs, steps
 
 
 def utcnow() -> datetime:
@@ -64,32 +65,122 @@ class JobStore:
 
     async def submit(self, spec: JobSpec) -> Job:
         """Insert a PENDING job with its steps, all PENDING."""
+        async with self._writer.begin() as conn:
+            job_id = await self._insert(conn, name=spec.name, kind=JobKind.CREATE,
+                                        spec=spec.model_dump(mode="json"), detail=f"submitted {spec.name!r}")
+        return await self.get(job_id)
+
+    async def submit_teardown(self, parent_id: str) -> Job:
+        """Insert a PENDING teardown job for ``parent_id`` (which must not be RUNNING)."""
+        async with self._writer.begin() as conn:
+            parent = (await conn.execute(select(jobs).where(jobs.c.id == parent_id))).mappings().one()
+            if parent["kind"] != JobKind.CREATE:
+                raise UserError(f"job {parent_id[:8]} is itself a teardown; there is nothing to tear down")
+            job_id = await self._insert(
+                conn, name=f"teardown of {parent['name']}", kind=JobKind.TEARDOWN, parent_id=parent_id,
+                spec={"teardown_of": parent_id}, detail=f"teardown of job {parent_id} submitted")
+            await self._event(conn, parent_id, None, None, None, f"teardown job {job_id} submitted")
+        return await self.get(job_id)
+
+    async def _insert(self, conn: AsyncConnection, *, name: str, kind: JobKind, spec: dict[str, Any],
+                      detail: str, parent_id: str | None = None) -> str:
         now = self.clock()
         job_id = uuid.uuid4().hex
+        await conn.execute(
+            insert(jobs).values(
+                id=job_id, name=name, kind=kind, parent_id=parent_id, state=JobState.PENDING, spec=spec,
+                spec_version=SPEC_VERSION, state_version=STATE_TABLE_VERSION, recoveries=0,
+                created_at=now, updated_at=now,
+            )
+        )
+        await conn.execute(
+            insert(steps),
+            [
+                dict(job_id=job_id, name=name, position=i, state=StepState.PENDING,
+                     attempts=0, updated_at=now, extra={})
+                for i, name in enumerate(order_of(kind))
+            ],
+        )
+        await self._event(conn, job_id, None, None, JobState.PENDING, detail)
+        return job_id
+
+    async def cancel(self, job_id: str) -> JobState:
+        """Cancel a job: a PENDING one at once; a RUNNING one at its runner's next safe point.
+
+        Returns the job's state afterwards (RUNNING means "cancellation requested").
+        """
+        now = self.clock()
         async with self._writer.begin() as conn:
-            await conn.execute(
-                insert(jobs).values(
-                    id=job_id,
-                    name=spec.name,
-                    state=JobState.PENDING,
-                    spec=spec.model_dump(mode="json"),
-                    spec_version=SPEC_VERSION,
-                    state_version=STATE_TABLE_VERSION,
-                    recoveries=0,
-                    created_at=now,
-                    updated_at=now,
+            done = await conn.execute(
+                update(jobs).where(jobs.c.id == job_id, jobs.c.state == JobState.PENDING)
+                .values(state=JobState.CANCELLED, updated_at=now, finished_at=now, cancel_requested_at=now)
+            )
+            if done.rowcount == 1:
+                await self._event(conn, job_id, None, JobState.PENDING, JobState.CANCELLED, "cancelled before it ran")
+                return JobState.CANCELLED
+            asked = await conn.execute(
+                update(jobs).where(jobs.c.id == job_id, jobs.c.state == JobState.RUNNING,
+                                   jobs.c.cancel_requested_at.is_(None))
+                .values(cancel_requested_at=now, updated_at=now)
+            )
+            if asked.rowcount == 1:
+                await self._event(conn, job_id, None, None, None,
+                                  "cancellation requested; the job stops at its next safe point")
+            state = (await conn.execute(select(jobs.c.state).where(jobs.c.id == job_id))).scalar_one()
+        return JobState(state)
+
+    async def cancel_requested(self, owner: str) -> list[str]:
+        """IDs of the jobs ``owner`` holds whose cancellation was requested."""
+        query = select(jobs.c.id).where(jobs.c.lease_owner == owner, jobs.c.state == JobState.RUNNING,
+                                        jobs.c.cancel_requested_at.is_not(None))
+        async with self.engine.connect() as conn:
+            return list((await conn.execute(query)).scalars())
+
+    async def retry(self, job_id: str) -> Job:
+        """Put a FAILED or CANCELLED job back to PENDING, its failed step too; IDs are kept."""
+        now = self.clock()
+        async with self._writer.begin() as conn:
+            row = (await conn.execute(select(jobs.c.state).where(jobs.c.id == job_id))).scalar_one()
+            src = JobState(row)
+            if src not in (JobState.FAILED, JobState.CANCELLED):
+                raise UserError(f"job {job_id[:8]} is {src}; only FAILED or CANCELLED jobs can be retried")
+            failed = (await conn.execute(
+                select(steps.c.name).where(steps.c.job_id == job_id, steps.c.state == StepState.FAILED)
+            )).scalars().all()
+            for name in failed:
+                await conn.execute(
+                    update(steps).where(steps.c.job_id == job_id, steps.c.name == name,
+                                        steps.c.state == StepState.FAILED)
+                    .values(state=StepState.PENDING, attempts=0, error=None, finished_at=None,
+                            run_after=None, updated_at=now)
                 )
+                await self._event(conn, job_id, name, StepState.FAILED, StepState.PENDING, "retry requested")
+            result = await conn.execute(
+                update(jobs).where(jobs.c.id == job_id, jobs.c.state == src)
+                .values(state=JobState.PENDING, error=None, recoveries=0, cancel_requested_at=None,
+                        finished_at=None, run_after=None, started_at=None, updated_at=now)
             )
-            await conn.execute(
-                insert(steps),
-                [
-                    dict(job_id=job_id, name=name, position=i, state=StepState.PENDING,
-                         attempts=0, updated_at=now, extra={})
-                    for i, name in enumerate(STEP_ORDER)
-                ],
-            )
-            await self._event(conn, job_id, None, None, JobState.PENDING, f"submitted {spec.name!r}")
+            if result.rowcount != 1:
+                raise StaleTransition(f"job {job_id} changed state during retry")
+            steps_note = f" from step {', '.join(failed)}" if failed else ""
+            await self._event(conn, job_id, None, src, JobState.PENDING, f"retry requested{steps_note}")
         return await self.get(job_id)
+
+    async def record_invocation(self, job_id: str, **values: Any) -> Invocation:
+        """Store one invocation made outside the procedure (``fabricflow invoke``/``chat``)."""
+        async with self._writer.begin() as conn:
+            result = await conn.execute(
+                insert(invocations).values(job_id=job_id, at=self.clock(), **values)
+                .returning(*invocations.c)
+            )
+            row = result.mappings().one()
+        return Invocation(**row)
+
+    async def invocations(self, job_id: str) -> list[Invocation]:
+        """A job's stored invocations, oldest first."""
+        query = select(invocations).where(invocations.c.job_id == job_id).order_by(invocations.c.id)
+        async with self.engine.connect() as conn:
+            return [Invocation(**row) for row in (await conn.execute(query)).mappings()]
 
     async def resolve(self, ref: str) -> str:
         """The full job ID for an ID or a unique prefix of one."""
@@ -151,7 +242,7 @@ class JobStore:
             result = await conn.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id, jobs.c.state == JobState.PENDING)
-                .values(state=JobState.RUNNING, lease_owner=owner,
+                .values(state=JobState.RUNNING, lease_owner=owner, started_at=func.coalesce(jobs.c.started_at, now),
                         lease_expires_at=now + timedelta(seconds=lease), updated_at=now)
             )
             if result.rowcount != 1:
@@ -224,6 +315,7 @@ class JobStore:
         result = await conn.execute(
             update(jobs).where(guard).values(
                 state=JobState.RUNNING, lease_owner=owner, recoveries=recoveries,
+                started_at=func.coalesce(jobs.c.started_at, now),
                 lease_expires_at=now + timedelta(seconds=lease), updated_at=now)
         )
         if result.rowcount != 1:
@@ -371,6 +463,8 @@ def _job(row: Any, step_rows: Iterable[Any]) -> Job:
     }
     return Job(
         id=row["id"], name=row["name"], state=JobState(row["state"]), spec=row["spec"],
+        kind=JobKind(row["kind"]), parent_id=row["parent_id"],
+        cancel_requested_at=row["cancel_requested_at"], started_at=row["started_at"],
         steps=parsed, created_at=row["created_at"], updated_at=row["updated_at"],
         spec_version=row["spec_version"], state_version=row["state_version"], error=row["error"],
         result=row["result"], lease_owner=row["lease_owner"],

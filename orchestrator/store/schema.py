@@ -61,6 +61,9 @@ jobs = Table(
     metadata,
     Column("id", String(32), primary_key=True),
     Column("name", String(200), nullable=False),
+    Column("kind", String(16), nullable=False, server_default="create"),
+    # A teardown job's source: the job whose resources it deletes.
+    Column("parent_id", String(32), ForeignKey("jobs.id", ondelete="SET NULL")),
     Column("state", String(16), nullable=False),
     Column("spec", JSON, nullable=False),
     Column("spec_version", Integer, nullable=False),
@@ -69,6 +72,9 @@ jobs = Table(
     Column("lease_expires_at", UTCDateTime),
     Column("run_after", UTCDateTime),
     Column("recoveries", Integer, nullable=False, default=0),
+    # Set by `fabricflow cancel` on a RUNNING job; its runner stops at the next safe point.
+    Column("cancel_requested_at", UTCDateTime),
+    Column("started_at", UTCDateTime),  # first claimed: the whole-job timeout counts from here
     Column("error", JSON),
     Column("result", JSON),
     Column("created_at", UTCDateTime, nullable=False),
@@ -109,4 +115,21 @@ events = Table(
     Column("to_state", String(16)),
     Column("detail", Text),
     Index("ix_events_job_id_id", "job_id", "id"),
+)
+
+invocations = Table(
+    "invocations",
+    metadata,
+    Column("id", EventId, primary_key=True, autoincrement=True),
+    Column("job_id", String(32), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("at", UTCDateTime, nullable=False),
+    Column("service_instance_id", String(64), nullable=False),
+    Column("request", JSON, nullable=False),  # messages and options, as sent
+    Column("reply", Text),
+    Column("finish_reason", String(32)),
+    Column("usage", JSON),
+    Column("ttft_ms", Integer),  # time to first token
+    Column("duration_ms", Integer),
+    Column("error", JSON),
+    Index("ix_invocations_job_id_id", "job_id", "id"),
 )

@@ -17,7 +17,7 @@ CREATED = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 UPDATED = datetime(2025, 1, 2, 3, 9, 0, tzinfo=UTC)
 
 JOB_KEYS = {"id", "name", "state", "error", "steps", "result"}
-JOB_OPTIONAL_KEYS = {"created_at", "updated_at"}
+JOB_OPTIONAL_KEYS = {"created_at", "updated_at", "kind", "parent_id"}
 STEP_KEYS = {"name", "state", "resource_id", "resource_status", "attempts", "error"}
 RESULT_KEYS = {
     "workspace_id",

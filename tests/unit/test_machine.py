@@ -205,7 +205,7 @@ def test_named_illegal_step_edges(src, dst):
     ("src", "dst"),
     [
         (JobState.SUCCEEDED, JobState.RUNNING),
-        (JobState.CANCELLED, JobState.PENDING),
+        (JobState.SUCCEEDED, JobState.PENDING),
         (JobState.PENDING, JobState.SUCCEEDED),
         (JobState.PENDING, JobState.FAILED),
     ],

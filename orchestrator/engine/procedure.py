@@ -1,0 +1,219 @@
+"""The creating procedure's steps: create (exactly once), reuse, wait for RUNNING, invoke.
+
+The exactly-once protocol for creates (DESIGN.md): commit the intent (IN_FLIGHT with the exact
+name), look the resource up by exact name and ownership marker, adopt a single match or create
+only if there is none, then commit the returned ID. A crash anywhere leaves a state this code
+resumes from without a second create.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from orchestrator.domain import ownership_marker
+from orchestrator.engine.steps import CREATE_STEPS, POLL_STEPS, CreateStep, Found, PollStep, invocation_body
+from orchestrator.errors import FabricError, NeedsReconcileError, RetryableError, TerminalError
+from orchestrator.machine import ROWS, Action, StepName, StepState, backoff
+
+if TYPE_CHECKING:
+    from orchestrator.engine.runner import Context, Runner
+
+
+async def advance(rt: Runner, ctx: Context, name: StepName) -> None:
+    """Drive one step of the creating procedure until it is done (or raise StepFailed)."""
+    action = ROWS[name].action
+    if action is Action.CREATE:
+        await create(rt, ctx, name, CREATE_STEPS[name])
+    elif action is Action.POLL:
+        await wait(rt, ctx, name, POLL_STEPS[name])
+    else:
+        await invoke(rt, ctx, name)
+
+
+async def create(rt: Runner, ctx: Context, name: StepName, ops: CreateStep) -> None:
+    """Create the step's resource exactly once, or adopt the one this job already created."""
+    assert ctx.spec is not None
+    job, spec = ctx.job, ctx.spec
+    step = job.step(name)
+    reuse_id = ops.reuse(spec)
+    if reuse_id is not None:
+        await reuse(rt, ctx, name, ops, reuse_id)
+        return
+    request_name = getattr(spec, ops.spec_key).name
+    state, attempts = step.state, step.attempts
+    if state is StepState.PENDING:
+        await rt.move(ctx, name, state, StepState.IN_FLIGHT,
+                      f"intent: create {ops.kind} {request_name!r}", request_name=request_name)
+        state = StepState.IN_FLIGHT
+    marker = ownership_marker(job.id)
+    while True:
+        try:
+            matches = await ops.find(rt.client, job, request_name)
+            ours = [m for m in matches if marker in (m.description or "")]
+            if len(ours) > 1:
+                ids = ", ".join(m.id for m in ours)
+                raise TerminalError(f"several {ops.kind}s named {request_name!r} carry this job's "
+                                    f"marker {marker}: {ids}; delete the extra ones and retry the job",
+                                    code="fabricflow.duplicates")
+            if ours:
+                await _done(rt, ctx, name, state, ours[0],
+                            f"found {ops.kind} {ours[0].id} created earlier by this job; adopted")
+                return
+            if matches:
+                await _existing(rt, ctx, name, ops, request_name, matches)
+                return
+            rt._check(ctx, name)  # last safe point before the create request
+            created = await ops.create(rt.client, job, ops.body(job, spec))
+            await _done(rt, ctx, name, state, created, f"created {ops.kind} {created.id}")
+            return
+        except (RetryableError, NeedsReconcileError) as exc:
+            attempts = await rt.retry(ctx, name, state, attempts, exc)
+        except TerminalError as exc:
+            await rt.fail(ctx, name, state, exc)
+
+
+async def _done(rt: Runner, ctx: Context, name: StepName, src: StepState, found: Found, detail: str) -> None:
+    await rt.move(ctx, name, src, StepState.SUCCEEDED, detail, resource_id=found.id,
+                  resource_status=found.status, extra=_clean(found.extra), error=None)
+
+
+async def _existing(rt: Runner, ctx: Context, name: StepName, ops: CreateStep,
+                    request_name: str, matches: list[Found]) -> None:
+    assert ctx.spec is not None
+    ids = ", ".join(m.id for m in matches)
+    if ctx.spec.on_existing == "adopt" and len(matches) == 1:
+        found = matches[0]
+        await rt.move(ctx, name, StepState.IN_FLIGHT, StepState.SKIPPED,
+                      f"adopted existing {ops.kind} {found.id} (on_existing: adopt); it will never be "
+                      "torn down", resource_id=found.id, resource_status=found.status,
+                      extra={**_clean(found.extra), "adopted": True})
+        return
+    hint = "" if len(matches) == 1 else " (several; adopt needs exactly one)"
+    raise TerminalError(
+        f"a {ops.kind} named {request_name!r} already exists ({ids}) and was not created by "
+        f"this job{hint}; rename it in the spec, or set on_existing: adopt to use it",
+        code="fabricflow.conflict")
+
+
+async def reuse(rt: Runner, ctx: Context, name: StepName, ops: CreateStep, resource_id: str) -> None:
+    """Check that a resource the spec reuses exists; record it as SKIPPED (never torn down)."""
+    state, attempts = ctx.job.step(name).state, ctx.job.step(name).attempts
+    while True:
+        try:
+            found = await ops.get(rt.client, ctx.job, resource_id)
+            break
+        except (RetryableError, NeedsReconcileError) as exc:
+            if state is StepState.PENDING:  # retries need an in-progress state to stay in
+                await rt.move(ctx, name, state, StepState.IN_FLIGHT, f"checking {ops.kind} {resource_id}")
+                state = StepState.IN_FLIGHT
+            attempts = await rt.retry(ctx, name, state, attempts, exc)
+        except TerminalError as exc:
+            await rt.fail(ctx, name, state, exc)
+    if found is None:
+        await rt.fail(ctx, name, state, TerminalError(
+            f"{ops.kind} {resource_id} (reused by the spec) does not exist", code="fabricflow.not_found"))
+        return
+    await rt.move(ctx, name, state, StepState.SKIPPED, f"reusing {ops.kind} {resource_id}",
+                  resource_id=resource_id, resource_status=found.status, extra={**_clean(found.extra), "reused": True})
+
+
+async def wait(rt: Runner, ctx: Context, name: StepName, ops: PollStep) -> None:
+    """Poll the resource until RUNNING; fail on a failed status or at the step's timeout."""
+    assert ctx.spec is not None
+    job = ctx.job
+    source = job.step(ops.source)
+    resource_id = source.resource_id
+    assert resource_id is not None
+    step = job.step(name)
+    state, attempts, last = step.state, step.attempts, step.resource_status or source.resource_status
+    timeouts = ctx.spec.timeouts
+    timeout = timeouts.endpoint_ready if name is StepName.ENDPOINT_READY else timeouts.service_ready
+    poll = ctx.spec.polling
+    initial = poll.initial if poll and poll.initial else rt.settings.poll_initial
+    cap = poll.max if poll and poll.max else rt.settings.poll_max
+    if state is StepState.PENDING:
+        await rt.move(ctx, name, state, StepState.WAITING, f"waiting for {ops.kind} {resource_id} "
+                      f"to be RUNNING (up to {human(timeout)})", resource_id=resource_id, resource_status=last)
+        state = StepState.WAITING
+        started = rt.store.clock()
+    else:
+        started = step.started_at or rt.store.clock()
+    deadline = started + timedelta(seconds=timeout)
+    polls = 0
+    key = (ops.kind, resource_id)
+    while True:
+        try:
+            found = await rt.poller.read(key, lambda: ops.fetch(rt.client, job, resource_id))
+            if ops.check(found, resource=ops.kind):
+                rt.poller.forget(key)
+                await rt.move(ctx, name, state, StepState.SUCCEEDED, f"{ops.kind} {resource_id} is RUNNING",
+                              resource_status=found.status, error=None)
+                return
+            if found.status != last:
+                await rt.move(ctx, name, state, StepState.WAITING, f"{ops.kind} {resource_id} is {found.status}",
+                              resource_status=found.status)
+                last = found.status
+        except (RetryableError, NeedsReconcileError) as exc:
+            attempts = await rt.retry(ctx, name, state, attempts, exc, sleep=False)
+        except TerminalError as exc:
+            await rt.fail(ctx, name, state, exc, resource_status=_status_of(exc, last))
+        now = rt.store.clock()
+        if now >= deadline:
+            waited = human((now - started).total_seconds())
+            message = (f"timed out after {waited} waiting for {ops.kind} {resource_id} to be RUNNING; "
+                       f"last status {last or 'unknown'}")
+            await rt.fail(ctx, name, state, TerminalError(message, code="fabricflow.timeout"))
+        polls += 1
+        delay = backoff(polls, base=initial, cap=cap, rng=rt.rng)
+        await rt.sleep(ctx, min(delay, max(0.0, (deadline - now).total_seconds()) + 0.01))
+
+
+async def invoke(rt: Runner, ctx: Context, name: StepName) -> None:
+    """Stream the spec's chat completion from the service instance and record the reply."""
+    assert ctx.spec is not None
+    job = ctx.job
+    step = job.step(name)
+    state, attempts = step.state, step.attempts
+    instance_id = job.resource_id(StepName.SERVICE_INSTANCE)
+    workspace_id = job.resource_id(StepName.WORKSPACE)
+    assert instance_id is not None and workspace_id is not None
+    if state is StepState.PENDING:
+        await rt.move(ctx, name, state, StepState.IN_FLIGHT, f"invoking service instance {instance_id}",
+                      resource_id=instance_id)
+        state = StepState.IN_FLIGHT
+    while True:
+        try:
+            result = await rt.client.invoke(workspace_id, instance_id, invocation_body(ctx.spec),
+                                             on_text=lambda text: rt.observer.on_text(job.id, text))
+        except (RetryableError, NeedsReconcileError) as exc:
+            attempts = await rt.retry(ctx, name, state, attempts, exc)
+            continue
+        except TerminalError as exc:
+            await rt.fail(ctx, name, state, exc)
+        reply = {"reply": result.reply, "finish_reason": result.finish_reason, "usage": result.usage}
+        await rt.move(ctx, name, state, StepState.SUCCEEDED,
+                      f"reply of {len(result.reply)} characters, finish_reason {result.finish_reason}",
+                      resource_status=result.finish_reason, error=None, job_result=reply)
+        return
+
+
+def _clean(extra: dict[str, object]) -> dict[str, object]:
+    return {k: v for k, v in extra.items() if v is not None}
+
+
+def _status_of(exc: FabricError, last: str | None) -> str | None:
+    for status in ("CREATE_FAILED", "FAILED", "FROZEN", "INACTIVE", "DELETED", "DELETING", "STOPPED"):
+        if f" is {status}" in exc.message:
+            return status
+    return last
+
+
+def human(seconds: float) -> str:
+    """A duration as people write it: 45s, 12m05s, 2h10m."""
+    seconds = int(round(seconds))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"

@@ -1,0 +1,595 @@
+"""The torture scenario: many jobs, a faulty emulator, a daemon killed with SIGKILL many times.
+
+``run_torture`` drives real processes, exactly as a user would run them: ``fabricflow emulator``
+with fault injection, ``fabricflow submit`` for every job, and ``fabricflow daemon``, which is
+killed with SIGKILL for a number of rounds (mostly a few milliseconds after a create intent is
+committed, so the kill lands between a create reaching the emulator and its answer being
+committed) and restarted; the last daemon runs every job to its end and is stopped with SIGTERM.
+
+It then gathers the figures from the emulator (``/_emulator/stats`` and its public API) and the
+database, and checks the invariants of DESIGN.md, "Exactly once, across crashes":
+
+1. every job SUCCEEDED (or FAILED only with an error the injected faults make legitimate:
+   none, since the emulator injects only transient faults here);
+2. no job is lost (every job is terminal);
+3. no name is created twice (``stats["created"][kind][name] == 1``);
+4. every resource ID recorded in ``steps.resource_id`` exists in the emulator, and nothing live
+   in the emulator is unrecorded (orphans);
+5. every job's events are a legal path through ``machine.STEP_TRANSITIONS`` and
+   ``JOB_TRANSITIONS`` that ends in the state the tables hold.
+
+The summary is plain JSON-able data; ``summary["violations"]`` lists every broken invariant.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.machine import JOB_TRANSITIONS, STEP_TRANSITIONS, JobState, StepName, StepState
+from tests.crash.procs import Daemon, Emulator, cli, query
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART = ROOT / "examples" / "quickstart.yaml"
+
+#: Which emulator kind each step's ``resource_id`` names.
+STEP_KIND = {
+    "workspace": "workspace",
+    "endpoint": "endpoint",
+    "endpoint_ready": "endpoint",
+    "model": "model",
+    "service_instance": "service_instance",
+    "service_ready": "service_instance",
+    "invocation": "service_instance",
+}
+CREATE_STEPS = ("workspace", "endpoint", "model", "service_instance")
+STEP_NAMES = frozenset(name.value for name in StepName)
+KINDS = CREATE_STEPS
+
+#: Error codes that the faults injected here make a legitimate end for a job. The emulator only
+#: injects transient errors (429/5xx, dropped answers, slow answers), which the engine must ride
+#: out within its default retry limits, so none is legitimate.
+LEGITIMATE_FAILURE_CODES: frozenset[str] = frozenset()
+
+
+class Deadline:
+    """A point in time that bounds a loop."""
+
+    def __init__(self, seconds: float) -> None:
+        self.at = time.monotonic() + seconds
+
+    @property
+    def left(self) -> float:
+        return max(0.0, self.at - time.monotonic())
+
+    @property
+    def passed(self) -> bool:
+        return time.monotonic() >= self.at
+
+
+# --- specs and submission --------------------------------------------------------------------
+
+
+def job_names(index: int, seed: int) -> dict[str, str]:
+    """Unique names for job ``index``; ``tw1-1`` is a substring of ``tw1-10``, on purpose.
+
+    The emulator's name filter is fuzzy (substring), so these names make the engine's exact-match
+    filtering and its paging through several pages of fuzzy matches do real work.
+    """
+    return {
+        "workspace": f"tw{seed}-{index}",  # 4-32 letters, digits, '_' or '-'
+        "endpoint": f"tep{seed}-{index}",
+        "model": f"tmodel{seed}-{index}",
+        "service_instance": f"tsi{seed}-{index}",
+    }
+
+
+def write_specs(workdir: Path, jobs: int, seed: int) -> list[tuple[Path, dict[str, str]]]:
+    """One spec file per job: the quickstart with this job's unique names."""
+    base = yaml.safe_load(QUICKSTART.read_text())
+    specs = []
+    for index in range(1, jobs + 1):
+        names = job_names(index, seed)
+        data = json.loads(json.dumps(base))
+        data["name"] = f"torture-{seed}-{index}"
+        for key, name in names.items():
+            data[key]["name"] = name
+        data["invocation"]["messages"][0]["content"] = f"hello from job {index}"
+        path = workdir / "specs" / f"job-{index:04d}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        specs.append((path, names))
+    return specs
+
+
+def submit_all(db_url: str, specs: list[Path], *, parallel: int = 3) -> list[str]:
+    """``fabricflow submit`` every spec (a few at a time: each is a Python start-up)."""
+    cli("db", "upgrade", "--db", db_url)  # migrate once, so the submits do not race to do it
+
+    def submit(path: Path) -> str:
+        job_id = cli("submit", str(path), "--db", db_url).stdout.strip()
+        assert re.fullmatch(r"[0-9a-f]{32}", job_id), job_id
+        return job_id
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        return list(pool.map(submit, specs))
+
+
+# --- the emulator's HTTP API -----------------------------------------------------------------
+
+
+def http(url: str, *, method: str = "GET", body: Any = None, attempts: int = 5) -> tuple[int, Any]:
+    """One call to the emulator; transient answers are retried a bounded number of times."""
+    data = None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"} if data is not None else {}
+    status, doc = 0, None
+    for attempt in range(attempts):
+        request = urllib.request.Request(url, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                raw = resp.read()
+                return resp.status, (json.loads(raw) if raw else None)
+        except urllib.error.HTTPError as exc:
+            try:
+                raw = exc.read()
+            finally:
+                exc.close()
+            status, doc = exc.code, (json.loads(raw) if raw else None)
+            if exc.code not in (429, 500, 502, 503, 504):
+                return status, doc
+        time.sleep(0.05 * (attempt + 1))
+    return status, doc
+
+
+def list_all(base: str, path: str, key: str, **params: str) -> list[dict[str, Any]]:
+    """Every item of an emulator list call, across all pages (bounded)."""
+    items: list[dict[str, Any]] = []
+    for page in range(1000):
+        qs = urllib.parse.urlencode({**params, "offset": str(page * 100), "limit": "100"})
+        status, doc = http(f"{base}{path}?{qs}")
+        if status != 200:
+            raise AssertionError(f"GET {path}?{qs} answered {status}: {doc}")
+        batch = doc.get(key) or []
+        items.extend(batch)
+        if not batch or len(items) >= doc.get("total", 0):
+            return items
+    raise AssertionError(f"GET {path}: more than 1000 pages")
+
+
+def resource_exists(base: str, kind: str, workspace_id: str | None, resource_id: str) -> dict[str, Any] | None:
+    """The emulator's view of one recorded resource, or None if it does not exist."""
+    quoted = urllib.parse.quote
+    if kind == "workspace":
+        found = list_all(base, "/v1/workspaces", "workspaces", id=resource_id)
+        return next((w for w in found if w["id"] == resource_id), None)
+    if workspace_id is None:
+        return None
+    ws = f"/v1/workspaces/{quoted(workspace_id, safe='')}"
+    if kind == "model":
+        found = list_all(base, f"{ws}/models", "models", id=resource_id)
+        return next((m for m in found if m["id"] == resource_id), None)
+    path = {"endpoint": f"{ws}/endpoints/", "service_instance": f"{ws}/services/instances/"}[kind]
+    status, doc = http(f"{base}{path}{quoted(resource_id, safe='')}")
+    if status == 404:
+        return None
+    if status != 200:
+        raise AssertionError(f"GET {path}{resource_id} answered {status}: {doc}")
+    return doc
+
+
+def live_resources(base: str) -> dict[str, dict[str, str]]:
+    """Every live resource in the emulator: kind -> {id: name}."""
+    live: dict[str, dict[str, str]] = {kind: {} for kind in KINDS}
+    for ws in list_all(base, "/v1/workspaces", "workspaces"):
+        live["workspace"][ws["id"]] = ws["name"]
+        prefix = f"/v1/workspaces/{urllib.parse.quote(ws['id'], safe='')}"
+        for kind, path, key in (("endpoint", "/endpoints", "endpoints"),
+                                ("model", "/models", "models"),
+                                ("service_instance", "/services/instances", "service_instances")):
+            for item in list_all(base, prefix + path, key):
+                live[kind][item["id"]] = item["name"]
+    return live
+
+
+# --- killing at interesting moments ----------------------------------------------------------
+
+
+def last_event_id(db: Path) -> int:
+    return int(query(db, "SELECT COALESCE(MAX(id), 0) FROM events")[0][0])
+
+
+def unfinished(db: Path) -> int:
+    return int(query(db, "SELECT COUNT(*) FROM jobs WHERE state NOT IN ('SUCCEEDED','FAILED','CANCELLED')")[0][0])
+
+
+def wait_for_event(db: Path, where: str, after: int, deadline: Deadline, every: float) -> int | None:
+    """The id of the first event after ``after`` matching ``where``, polling until ``deadline``."""
+    sql = f"SELECT id FROM events WHERE id > ? AND {where} ORDER BY id LIMIT 1"
+    while not deadline.passed:
+        rows = query(db, sql, after)
+        if rows:
+            return int(rows[0][0])
+        time.sleep(every)
+    return None
+
+
+def kill_round(rng: random.Random, db: Path, daemon: Daemon, mark: int, emulator: Emulator) -> dict[str, Any]:
+    """Wait for a (seeded) random moment of this daemon's life, SIGKILL it, describe the moment.
+
+    Three kinds of moments, biased towards creates in flight:
+    - ``intent`` (60%): a create intent (PENDING -> IN_FLIGHT) of a randomly chosen create step
+      was just committed; kill 0-50 ms later, while the lookup or the create is on the wire;
+    - ``in_flight`` (20%): any IN_FLIGHT transition, retries and invocations included; kill
+      0-50 ms later;
+    - ``random`` (20%): 0-1.5 s after the daemon's first event (claims, reclaims).
+    If the chosen moment does not come within a bounded time, any IN_FLIGHT transition will do.
+    """
+    roll = rng.random()
+    mode = "intent" if roll < 0.6 else "in_flight" if roll < 0.8 else "random"
+    target = rng.choice(CREATE_STEPS)
+    jitter = rng.uniform(0.0, 0.05) if mode != "random" else rng.uniform(0.0, 1.5)
+    where = {
+        "intent": f"from_state = 'PENDING' AND to_state = 'IN_FLIGHT' AND step = '{target}'",
+        "in_flight": "to_state = 'IN_FLIGHT'",
+        "random": "1 = 1",
+    }[mode]
+    # With every job finished there is nothing to wait for: the daemon writes no more events.
+    busy = unfinished(db) > 0
+    seen = wait_for_event(db, where, mark, Deadline(6.0 if busy else 0.5), every=0.005)
+    moment = f"intent:{target}" if mode == "intent" else mode
+    if seen is None and busy:
+        seen = wait_for_event(db, "to_state = 'IN_FLIGHT'", mark, Deadline(4.0), every=0.005)
+        moment = f"{moment}->in_flight" if seen is not None else f"{moment}:not_seen"
+    event = query(db, "SELECT step, from_state, to_state FROM events WHERE id = ?", seen) if seen else []
+    if daemon.proc.poll() is not None:
+        raise AssertionError(f"the daemon died by itself with exit code {daemon.proc.returncode}")
+    time.sleep(jitter)  # the random offset of the kill, not a synchronisation
+    daemon.kill()
+    # What the kill interrupted: create steps left IN_FLIGHT, and among them the ones whose
+    # resource already exists in the emulator (the create landed, its answer was not committed).
+    in_flight = query(db, "SELECT job_id, name, request_name FROM steps WHERE state = 'IN_FLIGHT' "
+                          "AND name IN ('workspace','endpoint','model','service_instance')")
+    created = emulator.stats()["created"]
+    landed = [(j, s) for j, s, n in in_flight if n and created.get(s, {}).get(n, 0) > 0]
+    return {"moment": moment, "after_event": list(event[0]) if event else None,
+            "jitter_ms": round(jitter * 1000, 1), "creates_in_flight": len(in_flight),
+            "creates_landed_not_committed": len(landed), "unfinished_jobs": unfinished(db)}
+
+
+# --- checking --------------------------------------------------------------------------------
+
+
+def check_events(job_id: str, events: list[tuple[Any, ...]], job_state: str,
+                 step_states: dict[str, str]) -> list[str]:
+    """Problems with one job's event log as a path through the state tables (empty if legal)."""
+    problems: list[str] = []
+    job: str | None = None
+    steps: dict[str, str] = {}  # every step starts PENDING (create and teardown jobs alike)
+    for event_id, step, src, dst, detail in events:
+        if dst is None:
+            continue  # a note: no transition
+        where = f"job {job_id[:8]} event {event_id} ({detail!r})"
+        if step is None:
+            if job is None:
+                if (src, dst) != (None, JobState.PENDING.value):
+                    problems.append(f"{where}: first job event is {src} -> {dst}, not None -> PENDING")
+            elif src != job:
+                problems.append(f"{where}: job moves from {src} but was {job}")
+            elif (JobState(src), JobState(dst)) not in JOB_TRANSITIONS:
+                problems.append(f"{where}: job {src} -> {dst} is not in JOB_TRANSITIONS")
+            job = dst
+            continue
+        if step not in STEP_NAMES:
+            problems.append(f"{where}: unknown step {step}")
+            continue
+        steps.setdefault(step, StepState.PENDING.value)
+        if job != JobState.RUNNING.value:
+            problems.append(f"{where}: step {step} moved while the job was {job}")
+        if src != steps[step]:
+            problems.append(f"{where}: step {step} moves from {src} but was {steps[step]}")
+        elif (StepState(src), StepState(dst)) not in STEP_TRANSITIONS:
+            problems.append(f"{where}: step {step} {src} -> {dst} is not in STEP_TRANSITIONS")
+        steps[step] = dst
+    if job != job_state:
+        problems.append(f"job {job_id[:8]}: events end in job state {job}, the jobs table says {job_state}")
+    for name, state in step_states.items():
+        if steps.get(name, StepState.PENDING.value) != state:
+            problems.append(f"job {job_id[:8]}: events end step {name} in {steps.get(name, 'PENDING')}, "
+                            f"the steps table says {state}")
+    return problems
+
+
+def engine_observations(db: Path, logs: list[Path]) -> dict[str, int]:
+    """What the engine saw of the faults: its event log (job-level retries, reconciliations)
+    and its logs (in-call retries of reads, which stamina absorbs without an event)."""
+    count: Counter[str] = Counter()
+    for (detail,) in query(db, "SELECT detail FROM events WHERE detail IS NOT NULL"):
+        if "failed (transient)" in detail:
+            count["step_retries_transient"] += 1
+        elif "outcome unknown" in detail:
+            count["step_retries_unknown_outcome"] += 1
+            if "no complete response" in detail:
+                count["create_answers_lost"] += 1
+        if "created earlier by this job; adopted" in detail:
+            count["adopted_by_reconciliation"] += 1
+        if detail.startswith("recovered by"):
+            count["job_recoveries_after_kill"] += 1
+        match = re.search(r"HTTP (\d{3})", detail) if "failed (" in detail else None
+        if match:
+            count[f"http_{match.group(1)}"] += 1
+    for path in logs:
+        if not path.exists():
+            continue
+        for line in path.read_text(errors="replace").splitlines():
+            if '"stamina.retry_scheduled"' in line:
+                count["read_retries_in_call"] += 1
+                match = re.search(r"HTTP (\d{3})", line)
+                count[f"http_{match.group(1)}" if match else "read_retry_other"] += 1
+    return dict(sorted(count.items()))
+
+
+def daemon_log_problems(logs: list[Path]) -> list[str]:
+    """Error-level lines and tracebacks in the daemons' logs."""
+    problems = []
+    for path in logs:
+        if not path.exists():
+            continue
+        for line in path.read_text(errors="replace").splitlines():
+            if "Traceback" in line or '"level": "error"' in line or "job_crashed" in line:
+                problems.append(f"{path.name}: {line[:400]}")
+    return problems
+
+
+def gather(db: Path, emulator: Emulator, jobs_submitted: list[str],
+           names: dict[str, dict[str, str]], logs: list[Path]) -> dict[str, Any]:
+    """Figures and invariant checks after the run (faults are switched off first)."""
+    base = emulator.url
+    stats = emulator.stats()
+    http(f"{base}/_emulator/faults", method="POST",
+         body={"fail_rate": 0, "drop_rate": 0, "slow_rate": 0, "cut_rate": 0})
+
+    job_rows = {row[0]: row for row in query(db, "SELECT id, name, state, error FROM jobs")}
+    step_rows: dict[str, dict[str, tuple[Any, ...]]] = defaultdict(dict)
+    for row in query(db, "SELECT job_id, name, state, resource_id, resource_status, request_name, "
+                         "error, extra FROM steps"):
+        step_rows[row[0]][row[1]] = row
+    events: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
+    for row in query(db, "SELECT job_id, id, step, from_state, to_state, detail FROM events ORDER BY id"):
+        events[row[0]].append(row[1:])
+
+    violations: list[str] = []
+    missing_jobs = [j for j in jobs_submitted if j not in job_rows]
+    violations += [f"job {j} was submitted but is not in the database" for j in missing_jobs]
+
+    # 1 and 2: outcomes.
+    succeeded = [j for j, r in job_rows.items() if r[2] == JobState.SUCCEEDED.value]
+    failed = []
+    for job_id, row in job_rows.items():
+        if row[2] != JobState.FAILED.value:
+            continue
+        error = json.loads(row[3]) if row[3] else {}
+        bad_steps = [n for n, s in step_rows[job_id].items() if s[2] == StepState.FAILED.value]
+        failed.append({"job": job_id, "name": row[1], "step": bad_steps[0] if bad_steps else None,
+                       "code": error.get("code"), "message": error.get("message")})
+    for f in failed:
+        if f["code"] not in LEGITIMATE_FAILURE_CODES:
+            violations.append(f"job {f['job']} FAILED at step {f['step']}: {f['code']}: {f['message']}")
+    lost = [j for j, r in job_rows.items() if not JobState(r[2]).is_terminal] + missing_jobs
+    violations += [f"job {j} is lost: still {job_rows[j][2] if j in job_rows else 'missing'}" for j in lost]
+
+    # 3: nothing created twice; nothing created under a name no job asked for.
+    duplicates = {kind: {n: c for n, c in stats["created"].get(kind, {}).items() if c != 1} for kind in KINDS}
+    duplicates = {k: v for k, v in duplicates.items() if v}
+    for kind, counts in duplicates.items():
+        violations += [f"{kind} {n!r} was created {c} times" for n, c in counts.items()]
+    asked = {kind: {n[kind] for n in names.values()} for kind in KINDS}
+    strays = {kind: sorted(set(stats["created"].get(kind, {})) - asked[kind]) for kind in KINDS}
+    strays = {k: v for k, v in strays.items() if v}
+    violations += [f"{kind} {n!r} was created but no job asked for it" for kind, ns in strays.items() for n in ns]
+    for job_id in succeeded:  # a job that succeeded created each of its four names exactly once
+        spec_names = names.get(job_id, {})
+        for kind in KINDS:
+            if stats["created"].get(kind, {}).get(spec_names.get(kind, ""), 0) != 1:
+                violations.append(f"job {job_id[:8]} SUCCEEDED but {kind} {spec_names.get(kind)!r} was created "
+                                  f"{stats['created'].get(kind, {}).get(spec_names.get(kind, ''), 0)} times")
+
+    # 4: every recorded ID exists; everything live was recorded; a finished job's IDs agree.
+    missing_resources: list[str] = []
+    recorded: dict[str, set[str]] = {kind: set() for kind in KINDS}
+    for job_id, steps in step_rows.items():
+        ws_id = steps.get("workspace", (None,) * 8)[3]
+        for name, row in steps.items():
+            resource_id = row[3]
+            if resource_id is None:
+                continue
+            kind = STEP_KIND[name]
+            recorded[kind].add(resource_id)
+            found = resource_exists(base, kind, ws_id, resource_id)
+            if found is None:
+                missing_resources.append(f"job {job_id[:8]} step {name}: {kind} {resource_id} does not exist")
+            elif name in CREATE_STEPS and row[5] and found.get("name") != row[5]:
+                missing_resources.append(f"job {job_id[:8]} step {name}: {kind} {resource_id} is named "
+                                         f"{found.get('name')!r}, the intent said {row[5]!r}")
+        if job_rows.get(job_id, (None,) * 3)[2] == JobState.SUCCEEDED.value:
+            violations += _check_wiring(base, job_id, steps)
+    violations += missing_resources
+    live = live_resources(base)
+    orphans = [f"{kind} {rid} ({name!r})" for kind in KINDS for rid, name in live[kind].items()
+               if rid not in recorded[kind]]
+    violations += [f"orphan: {o} is live in the emulator but no job recorded it" for o in orphans]
+
+    # 5: event logs are legal paths ending where the tables are.
+    illegal: list[str] = []
+    for job_id, row in job_rows.items():
+        illegal += check_events(job_id, events[job_id], row[2],
+                                {n: s[2] for n, s in step_rows[job_id].items()})
+    violations += illegal
+
+    return {
+        "succeeded": len(succeeded),
+        "failed": len(failed),
+        "failed_reasons": failed,
+        "lost": len(lost),
+        "lost_jobs": lost,
+        "duplicates": sum(c - 1 for counts in duplicates.values() for c in counts.values()),
+        "duplicate_names": duplicates,
+        "orphans": len(orphans),
+        "orphan_resources": orphans,
+        "missing_resources": len(missing_resources),
+        "illegal_event_paths": len(illegal),
+        "created": {kind: sum(stats["created"].get(kind, {}).values()) for kind in KINDS},
+        "live": stats["live"],
+        "requests": stats["requests"],
+        "events": sum(len(e) for e in events.values()),
+        "engine_saw": engine_observations(db, logs),
+        "violations": violations,
+    }
+
+
+def _check_wiring(base: str, job_id: str, steps: dict[str, tuple[Any, ...]]) -> list[str]:
+    """A succeeded job's steps agree with each other and with the emulator."""
+    problems = []
+    rid = {name: row[3] for name, row in steps.items()}
+    for name, row in steps.items():
+        if row[2] != StepState.SUCCEEDED.value:
+            problems.append(f"job {job_id[:8]} SUCCEEDED but step {name} is {row[2]}")
+    for waiter, source in (("endpoint_ready", "endpoint"), ("service_ready", "service_instance"),
+                           ("invocation", "service_instance")):
+        if rid.get(waiter) != rid.get(source):
+            problems.append(f"job {job_id[:8]}: {waiter} names {rid.get(waiter)}, {source} recorded {rid.get(source)}")
+    instance = resource_exists(base, "service_instance", rid.get("workspace"), rid.get("service_instance") or "")
+    if instance is not None:
+        if instance.get("endpoint_id") != rid.get("endpoint"):
+            problems.append(f"job {job_id[:8]}: its instance serves endpoint {instance.get('endpoint_id')}, "
+                            f"the job recorded {rid.get('endpoint')}")
+        if (instance.get("source") or {}).get("id") != rid.get("model"):
+            problems.append(f"job {job_id[:8]}: its instance serves model {(instance.get('source') or {}).get('id')}, "
+                            f"the job recorded {rid.get('model')}")
+        if instance.get("status") != "RUNNING":
+            problems.append(f"job {job_id[:8]}: its instance is {instance.get('status')}")
+    return problems
+
+
+# --- the driver ------------------------------------------------------------------------------
+
+
+def run_torture(
+    *,
+    jobs: int,
+    kill_rounds: int,
+    fail_rate: float,
+    drop_rate: float,
+    slow_rate: float,
+    seed: int,
+    workdir: Path,
+    cut_rate: float = 0.0,
+    ready_after: float = 1.5,
+    instance_ready_after: float = 0.5,
+    finish_timeout: float = 120.0,
+    max_recoveries: int | None = None,
+) -> dict[str, Any]:
+    """Run the torture scenario in ``workdir`` and return its JSON-able summary.
+
+    ``summary["violations"]`` is empty when every invariant holds. Every child process is
+    stopped before this returns, whatever happens.
+    """
+    started = time.monotonic()
+    workdir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    db = workdir / "jobs.db"
+    url = f"sqlite+aiosqlite:///{db}"
+    daemon_env = {"FABRICFLOW_LOG_LEVEL": "info", "FABRICFLOW_LOG_FORMAT": "json"}
+    if max_recoveries is not None:
+        daemon_env["FABRICFLOW_DAEMON__MAX_RECOVERIES"] = str(max_recoveries)
+    logs: list[Path] = []
+    kills: list[dict[str, Any]] = []
+    emulator = Emulator(
+        "--ready-after", str(ready_after), "--instance-ready-after", str(instance_ready_after),
+        "--fail-rate", str(fail_rate), "--drop-rate", str(drop_rate), "--slow-rate", str(slow_rate),
+        "--cut-rate", str(cut_rate), "--seed", str(seed), log=workdir / "emulator.log",
+    )
+    daemon: Daemon | None = None
+    try:
+        assert urllib.parse.urlsplit(emulator.url).hostname in ("127.0.0.1", "::1", "localhost")
+        _, faults_configured = http(f"{emulator.url}/_emulator/faults")
+        specs = write_specs(workdir, jobs, seed)
+        job_ids = submit_all(url, [path for path, _ in specs])
+        names = {job_id: spec_names for job_id, (_, spec_names) in zip(job_ids, specs, strict=True)}
+        submitted_at = time.monotonic()
+
+        def start_daemon() -> Daemon:
+            log = workdir / f"daemon-{len(logs) + 1:02d}.log"
+            logs.append(log)
+            return Daemon(url, emulator.url, log, **daemon_env)
+
+        for _ in range(kill_rounds):
+            mark = last_event_id(db)
+            daemon = start_daemon()
+            kills.append(kill_round(rng, db, daemon, mark, emulator))
+            daemon = None
+
+        daemon = start_daemon()
+        deadline = Deadline(finish_timeout)
+        while not deadline.passed and unfinished(db) > 0:
+            if daemon.proc.poll() is not None:
+                break  # died by itself: reported below as lost jobs and a bad exit code
+            time.sleep(0.1)
+        finished_in = round(time.monotonic() - submitted_at, 2)
+        if daemon.proc.poll() is None:
+            exit_code = daemon.terminate(timeout=40)
+        else:
+            exit_code = daemon.proc.returncode
+            daemon.log_file.close()
+        daemon = None
+
+        figures = gather(db, emulator, job_ids, names, logs)
+    finally:
+        if daemon is not None and daemon.proc.poll() is None:
+            daemon.proc.send_signal(signal.SIGKILL)
+            try:
+                daemon.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            daemon.log_file.close()
+        emulator.stop()
+
+    violations = figures.pop("violations")
+    if exit_code != 0:
+        violations.append(f"the last daemon exited {exit_code} after SIGTERM (expected 0)")
+    log_problems = daemon_log_problems(logs)
+    violations += [f"daemon log: {p}" for p in log_problems]
+    return {
+        "jobs": jobs,
+        "kills": len(kills),
+        "kills_by_moment": dict(sorted(Counter(k["moment"] for k in kills).items())),
+        "kills_with_creates_in_flight": sum(1 for k in kills if k["creates_in_flight"]),
+        "kills_between_create_and_commit": sum(1 for k in kills if k["creates_landed_not_committed"]),
+        "faults": {
+            "configured": {k: v for k, v in (faults_configured or {}).items() if k.endswith("_rate")},
+            "seed": seed,
+            "requests": figures.pop("requests"),
+            "seen_by_engine": figures.pop("engine_saw"),
+            "note": "the emulator counts requests, not injected faults; seen_by_engine counts the "
+                    "retries (by HTTP status) and reconciliations that faults and kills caused, "
+                    "from the event log and the daemons' logs",
+        },
+        **figures,
+        "last_daemon_exit_code": exit_code,
+        "seconds_to_finish_after_submit": finished_in,
+        "seconds": round(time.monotonic() - started, 2),
+        "kill_log": kills,
+        "violations": violations,
+    }
