@@ -358,6 +358,10 @@ async def _with_store(settings: Settings, func: Callable[[JobStore], Awaitable[T
 @click.option("--ready-after", type=float, default=2.0, show_default=True, help="Seconds an endpoint stays CREATING.")
 @click.option("--instance-ready-after", type=float, default=1.0, show_default=True,
               help="Seconds a service instance stays CREATING.")
+@click.option("--delete-after", type=float, default=0.5, show_default=True,
+              help="Seconds an endpoint or service instance stays DELETING.")
+@click.option("--cold-start", type=float, default=0.0, show_default=True,
+              help="Seconds the first invocation waits when the endpoint's mu min is 0.")
 @click.option("--fail-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Share of requests answered with a transient 429/500/502/503/504.")
 @click.option("--drop-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True,
@@ -373,7 +377,8 @@ async def _with_store(settings: Settings, func: Callable[[JobStore], Awaitable[T
 @click.option("--max-clock-skew", type=float, default=900, show_default=True,
               help="Allowed X-Sdk-Date skew in seconds; 0 turns the check off.")
 @click.option("--state-file", type=click.Path(dir_okay=False), help="Keep resources across emulator restarts.")
-def emulator(host: str, port: int, ready_after: float, instance_ready_after: float, fail_rate: float,
+def emulator(host: str, port: int, ready_after: float, instance_ready_after: float,
+             delete_after: float, cold_start: float, fail_rate: float,
              drop_rate: float, slow_rate: float, cut_rate: float, create_fail: str | None,
              seed: int | None, auth: str, token: str | None, ak: str | None, sk: str | None,
              max_clock_skew: float, state_file: str | None) -> None:
@@ -386,7 +391,8 @@ def emulator(host: str, port: int, ready_after: float, instance_ready_after: flo
 
     try:
         config = EmulatorConfig(
-            ready_after=ready_after, instance_ready_after=instance_ready_after, fail_rate=fail_rate,
+            ready_after=ready_after, instance_ready_after=instance_ready_after, delete_after=delete_after,
+            cold_start=cold_start, fail_rate=fail_rate,
             drop_rate=drop_rate, slow_rate=slow_rate, cut_rate=cut_rate, create_fail=create_fail,
             seed=seed, auth=auth, token=token, ak=ak, sk=sk,  # type: ignore[arg-type]
             max_clock_skew=max_clock_skew, state_file=state_file,

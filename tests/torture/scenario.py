@@ -239,7 +239,14 @@ def kill_round(rng: random.Random, db: Path, daemon: Daemon, mark: int, emulator
     """
     roll = rng.random()
     mode = "intent" if roll < 0.6 else "in_flight" if roll < 0.8 else "random"
-    target = rng.choice(CREATE_STEPS)
+    # Aim at a create step some job has still to start, so the wait is short and jobs do not
+    # race to the end between kills; with none left, any IN_FLIGHT transition will do.
+    pending = [name for (name,) in query(
+        db, "SELECT DISTINCT name FROM steps WHERE state = 'PENDING' AND name IN "
+            "('workspace','endpoint','model','service_instance')")]
+    target = rng.choice(sorted(pending)) if pending else None
+    if target is None and mode == "intent":
+        mode = "in_flight"
     jitter = rng.uniform(0.0, 0.05) if mode != "random" else rng.uniform(0.0, 1.5)
     where = {
         "intent": f"from_state = 'PENDING' AND to_state = 'IN_FLIGHT' AND step = '{target}'",
@@ -248,7 +255,7 @@ def kill_round(rng: random.Random, db: Path, daemon: Daemon, mark: int, emulator
     }[mode]
     # With every job finished there is nothing to wait for: the daemon writes no more events.
     busy = unfinished(db) > 0
-    seen = wait_for_event(db, where, mark, Deadline(6.0 if busy else 0.5), every=0.005)
+    seen = wait_for_event(db, where, mark, Deadline(5.0 if busy else 0.5), every=0.005)
     moment = f"intent:{target}" if mode == "intent" else mode
     if seen is None and busy:
         seen = wait_for_event(db, "to_state = 'IN_FLIGHT'", mark, Deadline(4.0), every=0.005)
@@ -543,6 +550,11 @@ def run_torture(
 
         daemon = start_daemon()
         deadline = Deadline(finish_timeout)
+        # Its signal handlers are installed once it says daemon_started; a SIGTERM during
+        # Python's start-up would kill it like any process that has not started yet.
+        while not deadline.passed and daemon.proc.poll() is None and \
+                '"daemon_started"' not in logs[-1].read_text(errors="replace"):
+            time.sleep(0.05)
         while not deadline.passed and unfinished(db) > 0:
             if daemon.proc.poll() is not None:
                 break  # died by itself: reported below as lost jobs and a bad exit code
@@ -575,6 +587,7 @@ def run_torture(
         "jobs": jobs,
         "kills": len(kills),
         "kills_by_moment": dict(sorted(Counter(k["moment"] for k in kills).items())),
+        "kills_while_jobs_unfinished": sum(1 for k in kills if k["unfinished_jobs"]),
         "kills_with_creates_in_flight": sum(1 for k in kills if k["creates_in_flight"]),
         "kills_between_create_and_commit": sum(1 for k in kills if k["creates_landed_not_committed"]),
         "faults": {
