@@ -57,3 +57,32 @@ def spec_data() -> dict[str, Any]:
 def make_spec(data: dict[str, Any], **changes: Any) -> JobSpec:
     """The spec with top-level fields replaced."""
     return parse_spec({**data, **changes}, "test-spec")
+
+
+PG_ADMIN_URL = os.environ.get("FABRICFLOW_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    """A fresh PostgreSQL database on the local server, dropped afterwards.
+
+    Skipped when no server answers on 127.0.0.1:5432, except under CI, where that is a failure.
+    """
+    import uuid
+
+    import asyncpg
+
+    try:
+        admin = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"no PostgreSQL at {PG_ADMIN_URL}: {exc}")
+    name = f"fabricflow_test_{uuid.uuid4().hex[:12]}"
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
+    try:
+        yield f"{base}/{name}"
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()

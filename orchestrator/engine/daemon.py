@@ -121,7 +121,7 @@ class Daemon:
         cfg = self.settings
         lock = sqlite_file_lock(self.url) if db.is_sqlite(self.url) else contextlib.nullcontext()
         with lock:
-            async with heartbeat(self.store, self.runner, cfg):
+            async with heartbeat(self.store, self.runner, cfg), self.store.listen(self._wake.set):
                 if db.is_sqlite(self.url):
                     # This process owns the file, so every RUNNING job was orphaned by a crash.
                     for job_id in await self.store.reclaim_all(

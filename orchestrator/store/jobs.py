@@ -7,8 +7,9 @@ disagree and a daemon that lost its lease cannot overwrite the new owner's work.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -30,6 +31,10 @@ from orchestrator.machine import (
 from orchestrator.spec import SPEC_VERSION, JobSpec
 from orchestrator.store import db
 from orchestrator.store.schema import events, invocations, jobs, steps
+
+
+#: The PostgreSQL channel a submit (or retry) notifies; daemons LISTEN on it.
+NOTIFY_CHANNEL = "fabricflow_jobs"
 
 
 def utcnow() -> datetime:
@@ -102,7 +107,13 @@ class JobStore:
             ],
         )
         await self._event(conn, job_id, None, None, JobState.PENDING, detail)
+        await self._notify(conn, job_id)
         return job_id
+
+    async def _notify(self, conn: AsyncConnection, job_id: str) -> None:
+        """Wake listening daemons at commit (PostgreSQL); SQLite daemons poll instead."""
+        if self.engine.dialect.name == "postgresql":
+            await conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, job_id)))
 
     async def cancel(self, job_id: str) -> JobState:
         """Cancel a job: a PENDING one at once; a RUNNING one at its runner's next safe point.
@@ -164,6 +175,7 @@ class JobStore:
                 raise StaleTransition(f"job {job_id} changed state during retry")
             steps_note = f" from step {', '.join(failed)}" if failed else ""
             await self._event(conn, job_id, None, src, JobState.PENDING, f"retry requested{steps_note}")
+            await self._notify(conn, job_id)
         return await self.get(job_id)
 
     async def record_invocation(self, job_id: str, **values: Any) -> Invocation:
@@ -324,6 +336,26 @@ class JobStore:
                   if recovered else f"claimed by {owner}")
         await self._event(conn, row.id, None, src, JobState.RUNNING, detail)
         return True
+
+    @contextlib.asynccontextmanager
+    async def listen(self, on_notify: Callable[[], None]) -> AsyncIterator[None]:
+        """Call ``on_notify`` whenever a job is submitted (PostgreSQL LISTEN; no-op on SQLite)."""
+        if self.engine.dialect.name != "postgresql":
+            yield
+            return
+        async with self.engine.connect() as conn:
+            raw = (await conn.get_raw_connection()).driver_connection
+            assert raw is not None
+
+            def callback(*_: Any) -> None:
+                on_notify()
+
+            await raw.add_listener(NOTIFY_CHANNEL, callback)
+            try:
+                yield
+            finally:
+                with contextlib.suppress(Exception):
+                    await raw.remove_listener(NOTIFY_CHANNEL, callback)
 
     async def heartbeat(self, owner: str, *, lease: float) -> int:
         """Extend every lease ``owner`` holds, in one statement; returns how many."""
