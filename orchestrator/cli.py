@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import click
+from sqlalchemy.exc import DBAPIError
 
 from orchestrator import logs
 from orchestrator.config import Settings, load_settings
@@ -70,6 +71,7 @@ def settings_from(ctx: click.Context) -> Settings:
     given = dict(ctx.find_root().meta.get("fabricflow.globals", {}))
     config_file = given.pop("config", None)
     settings = load_settings(config_file, **given)
+    ctx.find_root().meta["fabricflow.db"] = settings.db
     logs.configure(settings.log_level, settings.log_format)
     return settings
 
@@ -88,6 +90,12 @@ class Group(click.Group):
         except OrchestratorError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(getattr(exc, "exit_code", 2))
+        except DBAPIError as exc:
+            # The database failed mid-command (locked, read-only, disk full): one line, no SQL.
+            url = ctx.find_root().meta.get("fabricflow.db")
+            where = db.describe(url) if url else "database"
+            click.echo(f"error: {where}: {db.database_problem(exc)}", err=True)
+            ctx.exit(2)
 
 
 def emit_json(data: Any) -> None:

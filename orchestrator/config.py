@@ -61,6 +61,9 @@ class RetrySettings(_Section):
     max_attempts: int = Field(default=8, ge=1)
     backoff_base: float = Field(default=1.0, gt=0)
     backoff_cap: float = Field(default=30.0, gt=0)
+    # Per-step overrides of max_attempts, e.g. {endpoint_ready = 20, invocation = 3}.
+    per_step: dict[Literal["workspace", "endpoint", "endpoint_ready", "model", "service_instance",
+                           "service_ready", "invocation"], int] = Field(default_factory=dict)
 
 
 class DaemonSettings(_Section):

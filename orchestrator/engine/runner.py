@@ -65,13 +65,19 @@ class EngineSettings:
     backoff_base: float = 1.0
     backoff_cap: float = 30.0
     teardown_timeout: float = 30 * 60.0
+    attempts_per_step: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EngineSettings:
         """Take the runner's knobs from Settings."""
         return cls(poll_initial=settings.poll.initial, poll_max=settings.poll.max,
                    max_attempts=settings.retry.max_attempts, backoff_base=settings.retry.backoff_base,
-                   backoff_cap=settings.retry.backoff_cap)
+                   backoff_cap=settings.retry.backoff_cap,
+                   attempts_per_step=tuple(sorted(settings.retry.per_step.items())))
+
+    def attempts_for(self, step: StepName) -> int:
+        """The retry limit of one step: its override, or ``max_attempts``."""
+        return dict(self.attempts_per_step).get(str(step), self.max_attempts)
 
 
 class Released(Exception):
@@ -210,7 +216,8 @@ class Runner:
         """The retryable/unknown-outcome edge: bump attempts, record why, back off."""
         kind = OutcomeKind.UNKNOWN if isinstance(exc, NeedsReconcileError) else OutcomeKind.RETRYABLE
         now = self.store.clock()
-        decision = decide(row_of(ctx.job.kind, name), state, kind, attempts=attempts, now=now, max_attempts=self.settings.max_attempts,
+        decision = decide(row_of(ctx.job.kind, name), state, kind, attempts=attempts, now=now,
+                          max_attempts=self.settings.attempts_for(name),
                           retry_after=exc.retry_after, backoff_base=self.settings.backoff_base,
                           backoff_cap=self.settings.backoff_cap, rng=self.rng)
         if decision.state is StepState.FAILED:

@@ -185,3 +185,17 @@ async def test_many_jobs_waiting_on_one_endpoint_share_polls(store, emulator_fac
     assert {(await store.get(j.id)).state for j in jobs} == {JobState.SUCCEEDED}
     # Each job alone would poll the endpoint ~10 times over that second.
     assert (await stats(emu.url))["requests"] - before < 10 * 12
+
+
+async def test_per_step_retry_limit_fails_with_the_reason(store, emulator, spec_data):
+    await faults(emulator.url, fail_next=10, status=503)
+    limited = EngineSettings(**{**FAST.__dict__, "attempts_per_step": (("workspace", 2),)})
+    job = await run_job(store, emulator.url, make_spec(spec_data), settings=limited)
+
+    assert job.state is JobState.FAILED
+    step = job.steps[StepName.WORKSPACE]
+    assert step.attempts == 2
+    assert job.error["message"].startswith("gave up after 2 attempts: ")
+    assert "HTTP 503" in job.error["message"]
+    retried = [e.detail for e in await store.events(job.id) if "failed (" in (e.detail or "")]
+    assert retried and "retrying in" in retried[0]

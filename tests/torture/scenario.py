@@ -39,6 +39,7 @@ from typing import Any
 
 import yaml
 
+from orchestrator.config import DaemonSettings, RetrySettings
 from orchestrator.machine import JOB_TRANSITIONS, STEP_TRANSITIONS, JobState, StepName, StepState
 from tests.crash.procs import Daemon, Emulator, cli, query
 
@@ -255,6 +256,15 @@ def kill_round(rng: random.Random, db: Path, daemon: Daemon, mark: int, emulator
     }[mode]
     # With every job finished there is nothing to wait for: the daemon writes no more events.
     busy = unfinished(db) > 0
+    if mode != "random" and busy:
+        # Let this daemon live a little (a seeded 0-1.5 s after its first event) before arming
+        # the trigger, so the kills spread over the jobs' progress instead of all landing on
+        # the first intent after each restart.
+        first = wait_for_event(db, "1 = 1", mark, Deadline(10.0), every=0.01)
+        life = rng.uniform(0.0, 1.5)
+        if first is not None:
+            time.sleep(life)  # the random length of this daemon's life, not a synchronisation
+            mark = last_event_id(db)
     seen = wait_for_event(db, where, mark, Deadline(5.0 if busy else 0.5), every=0.005)
     moment = f"intent:{target}" if mode == "intent" else mode
     if seen is None and busy:
@@ -389,8 +399,11 @@ def gather(db: Path, emulator: Emulator, jobs_submitted: list[str],
             continue
         error = json.loads(row[3]) if row[3] else {}
         bad_steps = [n for n, s in step_rows[job_id].items() if s[2] == StepState.FAILED.value]
-        failed.append({"job": job_id, "name": row[1], "step": bad_steps[0] if bad_steps else None,
-                       "code": error.get("code"), "message": error.get("message")})
+        entry = {"job": job_id, "name": row[1], "step": bad_steps[0] if bad_steps else None,
+                 "code": error.get("code"), "message": error.get("message")}
+        if error.get("code") == "fabricflow.poison":
+            entry.update(poison_evidence(events[job_id], step_rows[job_id]))
+        failed.append(entry)
     for f in failed:
         if f["code"] not in LEGITIMATE_FAILURE_CODES:
             violations.append(f"job {f['job']} FAILED at step {f['step']}: {f['code']}: {f['message']}")
@@ -434,8 +447,19 @@ def gather(db: Path, emulator: Emulator, jobs_submitted: list[str],
             violations += _check_wiring(base, job_id, steps)
     violations += missing_resources
     live = live_resources(base)
-    orphans = [f"{kind} {rid} ({name!r})" for kind in KINDS for rid, name in live[kind].items()
-               if rid not in recorded[kind]]
+    intents = {(STEP_KIND[n], r[5]): (job_id, n) for job_id, steps in step_rows.items()
+               for n, r in steps.items() if r[2] == StepState.IN_FLIGHT.value and r[5]}
+    orphans = []
+    for kind in KINDS:
+        for rid, name in live[kind].items():
+            if rid in recorded[kind]:
+                continue
+            text = f"{kind} {rid} ({name!r})"
+            if (kind, name) in intents:
+                owner, step = intents[(kind, name)]
+                text += (f", left by job {owner[:8]} ({job_rows[owner][2]}) whose step {step} ended "
+                         "IN_FLIGHT: its create landed and was never reconciled")
+            orphans.append(text)
     violations += [f"orphan: {o} is live in the emulator but no job recorded it" for o in orphans]
 
     # 5: event logs are legal paths ending where the tables are.
@@ -464,6 +488,21 @@ def gather(db: Path, emulator: Emulator, jobs_submitted: list[str],
         "engine_saw": engine_observations(db, logs),
         "violations": violations,
     }
+
+
+def poison_evidence(events: list[tuple[Any, ...]], steps: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
+    """For a job failed as poison: how many times in a row it was taken over without a step
+    finishing, and which steps it left in progress (from its event log and steps)."""
+    streak = 0
+    for _, step, src, dst, detail in events:
+        if step is not None and dst in (StepState.SUCCEEDED.value, StepState.SKIPPED.value):
+            streak = 0
+        elif step is None and src == JobState.RUNNING.value and dst in (JobState.RUNNING.value,
+                                                                         JobState.FAILED.value):
+            streak += 1 if (detail or "").startswith(("recovered by", "interrupted")) else 0
+    return {"takeovers_without_a_step_finishing": streak,
+            "steps_left_in_progress": sorted(n for n, r in steps.items()
+                                             if r[2] in (StepState.IN_FLIGHT.value, StepState.WAITING.value))}
 
 
 def _check_wiring(base: str, job_id: str, steps: dict[str, tuple[Any, ...]]) -> list[str]:
@@ -600,6 +639,8 @@ def run_torture(
                     "from the event log and the daemons' logs",
         },
         **figures,
+        "daemon_settings": {"max_recoveries": max_recoveries or DaemonSettings().max_recoveries,
+                            "retry_max_attempts": RetrySettings().max_attempts},
         "last_daemon_exit_code": exit_code,
         "seconds_to_finish_after_submit": finished_in,
         "seconds": round(time.monotonic() - started, 2),

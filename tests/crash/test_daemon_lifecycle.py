@@ -1,0 +1,84 @@
+"""The daemon process: SIGTERM drains and exits 0; secrets never leak into output or the database."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import QUICKSTART
+from tests.crash.procs import FABRICFLOW, Daemon, Emulator, cli, env, query, wait_for
+
+
+def test_sigterm_drains_releases_and_resumes(tmp_path: Path):
+    emulator = Emulator("--ready-after", "3", "--instance-ready-after", "0.2", log=tmp_path / "e.log")
+    try:
+        db = tmp_path / "jobs.db"
+        url = f"sqlite+aiosqlite:///{db}"
+        job_id = cli("submit", str(QUICKSTART), "--db", url).stdout.strip()
+        daemon = Daemon(url, emulator.url, tmp_path / "d1.log")
+        wait_for("the endpoint wait", lambda: query(
+            db, "SELECT state FROM steps WHERE job_id=? AND name='endpoint_ready'", job_id)[0][0] == "WAITING")
+        started = time.monotonic()
+        assert daemon.terminate(timeout=30) == 0
+        assert time.monotonic() - started < 10  # a sleeping wait stops at once
+        assert query(db, "SELECT state, lease_owner FROM jobs WHERE id=?", job_id) == [("PENDING", None)]
+        details = [d for (d,) in query(db, "SELECT detail FROM events WHERE job_id=?", job_id)]
+        assert any("(shutting down)" in d for d in details)
+
+        again = Daemon(url, emulator.url, tmp_path / "d2.log")
+        try:
+            wait_for("the job to finish", lambda: query(
+                db, "SELECT state FROM jobs WHERE id=?", job_id)[0][0] == "SUCCEEDED", timeout=60)
+        finally:
+            assert again.terminate() == 0
+        assert all(sum(v.values()) == 1 for v in emulator.stats()["created"].values())
+    finally:
+        emulator.stop()
+
+
+AK, SK, PROJECT, TOKEN = "AKLEAKCHECK0000001", "SKLEAKCHECKsecretvalue42", "proj0000000000000000000000000001", "STSLEAK999"
+
+
+@pytest.mark.parametrize("auth", ["aksk", "token"])
+def test_secrets_never_leak(tmp_path: Path, auth: str):
+    if auth == "aksk":
+        emulator = Emulator("--auth", "aksk", "--ak", AK, "--sk", SK, "--ready-after", "0.2",
+                            "--instance-ready-after", "0.2", log=tmp_path / "e.log")
+        secret_env = {"HUAWEICLOUD_SDK_AK": AK, "HUAWEICLOUD_SDK_SK": SK, "HUAWEICLOUD_SDK_PROJECT_ID": PROJECT,
+                      "HUAWEICLOUD_SDK_SECURITY_TOKEN": TOKEN}
+        secrets = [AK, SK, TOKEN]
+    else:
+        emulator = Emulator("--auth", "token", "--token", TOKEN, "--ready-after", "0.2",
+                            "--instance-ready-after", "0.2", log=tmp_path / "e.log")
+        secret_env = {"FABRICFLOW_AUTH_TOKEN": TOKEN}
+        secrets = [TOKEN]
+    try:
+        db = tmp_path / "jobs.db"
+        url = f"sqlite+aiosqlite:///{db}"
+        run = subprocess.run([*FABRICFLOW, "run", str(QUICKSTART), "--db", url, "--fabric-url", emulator.url,
+                              "--json", "--log-level", "debug"], capture_output=True, text=True,
+                             env=env(**secret_env), timeout=60)
+        assert run.returncode == 0, run.stderr
+        assert json.loads(run.stdout)["state"] == "SUCCEEDED"
+        # A wrong key: the job fails with the gateway's words, and still no secret anywhere.
+        wrong = dict(secret_env, **({"HUAWEICLOUD_SDK_SK": SK + "x"} if auth == "aksk"
+                                    else {"FABRICFLOW_AUTH_TOKEN": TOKEN + "x"}))
+        failed = subprocess.run([*FABRICFLOW, "run", str(QUICKSTART), "--db", url, "--fabric-url", emulator.url,
+                                 "--json", "--log-level", "debug"], capture_output=True, text=True,
+                                env=env(**wrong), timeout=60)
+        assert failed.returncode == 1
+        error = json.loads(failed.stdout)["error"]
+        assert error["code"] == "APIGW.0301"
+        shown = subprocess.run([*FABRICFLOW, "config", "show", "--db", url], capture_output=True, text=True,
+                               env=env(**secret_env), timeout=60)
+        outputs = run.stdout + run.stderr + failed.stdout + failed.stderr + shown.stdout + shown.stderr
+        stored = b"".join(p.read_bytes() for p in tmp_path.glob("jobs.db*"))
+        for secret in secrets + [SK + "x", TOKEN + "x"]:
+            assert secret not in outputs
+            assert secret.encode() not in stored
+    finally:
+        emulator.stop()
