@@ -220,7 +220,11 @@ def submit(ctx: click.Context, spec_file: str, wait: bool, as_json: bool) -> Non
         finally:
             await store.close()
 
-    job = run_async(go())
+    finish_submitted(ctx, run_async(go()), as_json=as_json, wait=wait)
+
+
+def finish_submitted(ctx: click.Context, job: Any, *, as_json: bool, wait: bool) -> None:
+    """Print a submitted job (its ID, or the object with --json); exit 1 if a waited job failed."""
     if as_json:
         emit_json(job.as_json())
     elif not wait:

@@ -8,7 +8,17 @@ from typing import Any
 
 import click
 
-from orchestrator.cli import EXIT_FAILED, _follow, _with_store, emit_json, global_options, main, run_async, settings_from
+from orchestrator.cli import (
+    EXIT_FAILED,
+    _follow,
+    _with_store,
+    emit_json,
+    finish_submitted,
+    global_options,
+    main,
+    run_async,
+    settings_from,
+)
 from orchestrator.config import Settings
 from orchestrator.domain import Invocation, Job
 from orchestrator.errors import FabricError, UserError
@@ -103,13 +113,7 @@ def teardown(ctx: click.Context, job_ref: str, wait: bool, as_json: bool) -> Non
             return await _follow(store, created.id, printer=not as_json)
         return created
 
-    job = run_async(_with_store(settings, go))
-    if as_json:
-        emit_json(job.as_json())
-    elif not wait:
-        click.echo(job.id)
-    if wait and job.state is not JobState.SUCCEEDED:
-        ctx.exit(EXIT_FAILED)
+    finish_submitted(ctx, run_async(_with_store(settings, go)), as_json=as_json, wait=wait)
 
 
 # --- invocations ------------------------------------------------------------------------------

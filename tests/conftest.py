@@ -86,3 +86,17 @@ async def pg_url() -> AsyncIterator[str]:
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+async def until(read: Any, done: Any, timeout: float = 5.0, every: float = 0.02) -> Any:
+    """Poll ``await read()`` until ``done(value)``; fail after ``timeout`` seconds (no bare sleeps)."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await read()
+        if done(value):
+            return value
+        assert time.monotonic() < deadline, f"still {value!r} after {timeout}s"
+        await asyncio.sleep(every)

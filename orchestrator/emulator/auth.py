@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from datetime import datetime, timezone
+from datetime import datetime, timezone, UTC
 
 from aiohttp import web
 
@@ -34,7 +34,7 @@ async def authenticate(request: web.Request, config: EmulatorConfig) -> None:
                 headers=request.headers,
                 body=body,
                 secret_for=lambda ak: config.sk if ak == config.ak else None,
-                now=datetime.now(timezone.utc),
+                now=datetime.now(UTC),
                 max_clock_skew=config.max_clock_skew,  # <= 0 turns the check off (DESIGN)
             )
         except signing.SignatureError:

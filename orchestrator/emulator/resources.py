@@ -13,8 +13,9 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterable, Mapping
+from datetime import datetime, timedelta, timezone, UTC
+from typing import Any
+from collections.abc import Callable, Iterable, Mapping
 
 from .config import EmulatorConfig
 from .errors import invalid
@@ -26,7 +27,7 @@ STATEFUL = ("endpoint", "service_instance")
 
 def iso(moment: datetime) -> str:
     """ISO-8601 UTC with milliseconds and ``Z``, as in the Fabric examples."""
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + \
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + \
         f"{moment.microsecond // 1000:03d}Z"
 
 
@@ -69,7 +70,7 @@ class Store:
 
     def __init__(self, config: EmulatorConfig, *,
                  clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
+                 wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC)
                  ) -> None:
         self.config = config
         self.clock = clock

@@ -17,7 +17,7 @@ import hmac
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timezone, UTC
 from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 __all__ = [
@@ -164,9 +164,9 @@ def _signature(sk: str, string_to_sign: str) -> str:
 
 def _format_now(now: datetime | None) -> str:
     if now is None:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
     elif now.tzinfo is not None:
-        now = now.astimezone(timezone.utc)
+        now = now.astimezone(UTC)
     return now.strftime(DATE_FORMAT)
 
 
@@ -240,11 +240,11 @@ def _parse_date(value: str | None, *, now: datetime, max_clock_skew: float) -> s
         raise SignatureError("missing X-Sdk-Date header")
     value = value.strip()
     try:
-        date = datetime.strptime(value, DATE_FORMAT).replace(tzinfo=timezone.utc)
+        date = datetime.strptime(value, DATE_FORMAT).replace(tzinfo=UTC)
     except ValueError:
         raise SignatureError("malformed X-Sdk-Date header") from None
     if max_clock_skew > 0:
-        current = now if now.tzinfo is not None else now.replace(tzinfo=timezone.utc)
+        current = now if now.tzinfo is not None else now.replace(tzinfo=UTC)
         if abs((current - date).total_seconds()) > max_clock_skew:
             raise SignatureError("X-Sdk-Date outside the allowed clock skew")
     return value

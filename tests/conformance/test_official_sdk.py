@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
@@ -43,6 +42,7 @@ SK = "sdk-conformance-secret-key-0123456789"
 PROJECT_ID = "0b5633ba2b904511ad514346f4d23d4b"
 REQUEST_ID = re.compile(r"[0-9a-f]{32}")
 BAD_SIGNATURE = "Incorrect IAM authentication information: verify aksk signature fail"
+from tests.conftest import until
 
 
 @pytest.fixture
@@ -98,16 +98,6 @@ class Sdk:
 async def call(method: Callable[[Any], Any], request: Any) -> Any:
     """One synchronous SDK call, off the event loop the emulator runs on."""
     return await asyncio.to_thread(method, request)
-
-
-async def until(read: Callable[[], Any], done: Callable[[Any], bool], timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await read()
-        if done(value):
-            return value
-        assert time.monotonic() < deadline, f"still {value}"
-        await asyncio.sleep(0.05)
 
 
 def timestamp(value: Any) -> datetime:

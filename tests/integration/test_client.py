@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -30,6 +30,7 @@ HELLO = {"messages": [{"role": "user", "content": "hello"}]}
 AK, SK = "AKEXAMPLEAKEXAMPLE", "SKsecret-do-not-leak-0123456789"
 TOKEN = "MIIToken-secret-do-not-leak-9876543210"
 SECURITY_TOKEN = "STS-temporary-token-do-not-leak"
+from tests.conftest import until
 
 
 @asynccontextmanager
@@ -46,17 +47,6 @@ async def control(emulator: RunningEmulator, method: str, path: str,
         async with session.request(method, emulator.url + path, json=body) as resp:
             assert resp.status == 200, await resp.text()
             return await resp.json()
-
-
-async def until(read: Callable[[], Any], done: Callable[[Any], bool], timeout: float = 5.0) -> Any:
-    """Poll ``read()`` until ``done(value)``, failing after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await read()
-        if done(value):
-            return value
-        assert time.monotonic() < deadline, f"still {value!r}"
-        await asyncio.sleep(0.02)
 
 
 async def running_endpoint(client: FabricClient, ws_id: str, body: dict[str, Any] = ENDPOINT_BODY

@@ -6,7 +6,6 @@ import asyncio
 from typing import Any
 
 import aiohttp
-import pytest
 
 from orchestrator.domain import ownership_marker
 from orchestrator.engine.runner import EngineSettings, Runner
