@@ -19,6 +19,7 @@ from sqlalchemy.exc import DBAPIError
 from orchestrator import logs
 from orchestrator.config import Settings, load_settings
 from orchestrator.engine.daemon import Daemon, heartbeat, new_owner
+from orchestrator.engine.procedure import check_reused
 from orchestrator.engine.runner import EngineSettings, Runner
 from orchestrator.errors import OrchestratorError, UserError
 from orchestrator.machine import JobState
@@ -155,6 +156,7 @@ async def _run(settings: Settings, spec: Any) -> Any:
     store = await _open(settings)
     try:
         async with fabric_target(settings) as target, client_for(settings, target) as client:
+            await check_reused(client, spec)  # a missing reused resource: nothing is written
             job = await store.submit(spec)
             owner = new_owner()
             printer = ProgressPrinter()

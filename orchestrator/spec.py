@@ -8,7 +8,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
 from orchestrator.errors import UserError
 
@@ -177,6 +186,14 @@ class JobSpec(_Strict):
     timeouts: Timeouts = Timeouts()
     polling: Polling | None = None
     on_existing: Literal["fail", "adopt"] = "fail"
+
+    @model_validator(mode="after")
+    def _reused_children_need_their_workspace(self) -> JobSpec:
+        for key in ("endpoint", "model"):
+            if isinstance(getattr(self, key), Reuse) and not isinstance(self.workspace, Reuse):
+                raise ValueError(f"{key}.id: reusing a {key} needs workspace: {{id: ...}} too "
+                                 f"(a {key} lives in the workspace it was created in)")
+        return self
 
 
 _UNION_TAGS = frozenset({"create", "reuse"})

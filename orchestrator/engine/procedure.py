@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING
 
 from orchestrator.domain import ownership_marker
 from orchestrator.engine.steps import CREATE_STEPS, POLL_STEPS, CreateStep, Found, PollStep, invocation_body
-from orchestrator.errors import FabricError, NeedsReconcileError, RetryableError, TerminalError
+from orchestrator.errors import FabricError, NeedsReconcileError, NotFoundError, RetryableError, TerminalError
+from orchestrator.fabric.client import FabricClient
+from orchestrator.spec import JobSpec, Reuse
 from orchestrator.machine import ROWS, Action, StepName, StepState, backoff
 
 if TYPE_CHECKING:
@@ -63,8 +65,11 @@ async def create(rt: Runner, ctx: Context, name: StepName, ops: CreateStep) -> N
             if matches:
                 await _existing(rt, ctx, name, ops, request_name, matches)
                 return
+            body = ops.body(job, spec)
+            if ops.validate is not None:
+                await ops.validate(rt.client, body)
             rt._check(ctx, name)  # last safe point before the create request
-            created = await ops.create(rt.client, job, ops.body(job, spec))
+            created = await ops.create(rt.client, job, body)
             await _done(rt, ctx, name, state, created, f"created {ops.kind} {created.id}")
             return
         except (RetryableError, NeedsReconcileError) as exc:
@@ -196,6 +201,26 @@ async def invoke(rt: Runner, ctx: Context, name: StepName) -> None:
                       f"reply of {len(result.reply)} characters, finish_reason {result.finish_reason}",
                       resource_status=result.finish_reason, error=None, job_result=reply)
         return
+
+
+async def check_reused(client: FabricClient, spec: JobSpec) -> None:
+    """Raise NotFoundError naming each resource the spec reuses that does not exist."""
+    missing = []
+    workspace_id = spec.workspace.id if isinstance(spec.workspace, Reuse) else None
+    if workspace_id and await client.get_workspace(workspace_id) is None:
+        missing.append(f"workspace {workspace_id}")
+    elif workspace_id:
+        if isinstance(spec.endpoint, Reuse):
+            try:
+                await client.show_endpoint(workspace_id, spec.endpoint.id)
+            except TerminalError as exc:
+                if exc.status != 404:
+                    raise
+                missing.append(f"endpoint {spec.endpoint.id}")
+        if isinstance(spec.model, Reuse) and await client.get_model(workspace_id, spec.model.id) is None:
+            missing.append(f"model {spec.model.id}")
+    if missing:
+        raise NotFoundError("; ".join(f"{m} (reused by the spec) does not exist" for m in missing))
 
 
 def _clean(extra: dict[str, object]) -> dict[str, object]:

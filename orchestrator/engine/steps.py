@@ -36,6 +36,7 @@ class CreateStep:
     find: Callable[[FabricClient, Job, str], Awaitable[list[Found]]]
     create: Callable[[FabricClient, Job, dict[str, Any]], Awaitable[Found]]
     get: Callable[[FabricClient, Job, str], Awaitable[Found | None]] | None = None  # for reuse
+    validate: Callable[[FabricClient, dict[str, Any]], Awaitable[None]] | None = None  # before create
 
     def body(self, job: Job, spec: JobSpec) -> dict[str, Any]:
         """The create body: the spec's fields, the job's ownership marker, earlier steps' IDs."""
@@ -127,12 +128,36 @@ async def _create_instance(client: FabricClient, job: Job, body: dict[str, Any])
     return Found(created.id, None, None)
 
 
+async def _validate_endpoint(client: FabricClient, body: dict[str, Any]) -> None:
+    """Every reserved spec_code must be one Fabric lists for endpoints (ListSpecs)."""
+    wanted = {r["spec_code"] for r in (body.get("reserved_resource") or {}).values() if r.get("spec_code")}
+    if not wanted:
+        return
+    known = {s.spec_code for s in await client.list_specs(scenario="ENDPOINT")}
+    unknown = sorted(wanted - known)
+    if unknown:
+        raise TerminalError(f"endpoint: unknown spec_code {', '.join(unknown)}; Fabric offers "
+                            f"{', '.join(sorted(known)) or 'none'}", code="fabricflow.invalid_spec")
+
+
+async def _validate_model(client: FabricClient, body: dict[str, Any]) -> None:
+    """A non-empty base_model_type must be one Fabric lists (ListBaseModels)."""
+    config = ((body.get("version") or {}).get("config") or {}).get("llm_model_config") or {}
+    wanted = config.get("base_model_type")
+    if not wanted:
+        return
+    known = {m.base_model_type for m in await client.list_base_models()}
+    if wanted not in known:
+        raise TerminalError(f"model: unknown base_model_type {wanted}; Fabric offers "
+                            f"{', '.join(sorted(known)) or 'none'}", code="fabricflow.invalid_spec")
+
+
 CREATE_STEPS: dict[StepName, CreateStep] = {
     StepName.WORKSPACE: CreateStep("workspace", "workspace", _find_workspaces, _create_workspace,
                                    _get_workspace),
     StepName.ENDPOINT: CreateStep("endpoint", "endpoint", _find_endpoints, _create_endpoint,
-                                  _get_endpoint),
-    StepName.MODEL: CreateStep("model", "model", _find_models, _create_model, _get_model),
+                                  _get_endpoint, _validate_endpoint),
+    StepName.MODEL: CreateStep("model", "model", _find_models, _create_model, _get_model, _validate_model),
     StepName.SERVICE_INSTANCE: CreateStep("service_instance", "service_instance", _find_instances,
                                           _create_instance),
 }

@@ -78,3 +78,33 @@ def test_invoke_refuses_embedded_emulator_and_unready_jobs(tmp_path):
     result = cli("invoke", job_id, "hi", "--db", url, "--fabric-url", "http://127.0.0.1:9", check=False)
     assert result.returncode == 2
     assert "has no RUNNING service instance yet" in result.stderr
+
+
+def test_run_with_missing_reused_ids_exits_3_and_writes_nothing(tmp_path, emulator):
+    db = tmp_path / "jobs.db"
+    spec = tmp_path / "reuse.yaml"
+    spec.write_text(QUICKSTART.read_text().replace(
+        "workspace: {name: apieworkspace, description: apie test workspace}", "workspace: {id: " + "a" * 32 + "}"))
+    result = cli("run", str(spec), "--db", f"sqlite+aiosqlite:///{db}", "--fabric-url", emulator.url, check=False)
+    assert result.returncode == 3
+    assert f"workspace {'a' * 32} (reused by the spec) does not exist" in result.stderr
+    assert query(db, "SELECT count(*) FROM jobs") == [(0,)]
+
+
+def test_chat_keeps_the_conversation_and_stores_each_turn(tmp_path, emulator):
+    import subprocess
+
+    from tests.crash.procs import FABRICFLOW, env
+
+    db = tmp_path / "jobs.db"
+    url = f"sqlite+aiosqlite:///{db}"
+    job = json.loads(cli("run", str(QUICKSTART), "--db", url, "--fabric-url", emulator.url, "--json").stdout)
+    chat = subprocess.run([*FABRICFLOW, "chat", job["id"], "--db", url, "--fabric-url", emulator.url],
+                          input="first question\n\nsecond question\n", capture_output=True, text=True,
+                          env=env(), timeout=60)
+    assert chat.returncode == 0, chat.stderr
+    assert "You said: first question" in chat.stderr and "You said: second question" in chat.stderr
+    rows = query(db, "SELECT request FROM invocations ORDER BY id")
+    assert len(rows) == 2
+    second = json.loads(rows[1][0])["messages"]
+    assert [m["role"] for m in second] == ["user", "assistant", "user"]

@@ -159,3 +159,28 @@ def test_help_teaches(cli):
     for command in ("run", "submit", "daemon", "list", "show", "events", "emulator"):
         assert command in top.stdout
     assert "--fabric-url" in CliRunner().invoke(main, ["run", "--help"]).stdout
+
+
+def test_cancel_and_retry_commands(cli):
+    job_id = cli("submit", str(QUICKSTART)).stdout.strip()
+    result = cli("cancel", job_id[:8])
+    assert result.exit_code == 0 and "CANCELLED" in result.stderr
+    assert json.loads(cli("show", job_id, "--json").stdout)["state"] == "CANCELLED"
+    again = cli("cancel", job_id)
+    assert again.exit_code == 2 and "already ended CANCELLED" in again.stderr
+
+    retried = cli("retry", job_id)
+    assert retried.exit_code == 0 and "PENDING again" in retried.stderr
+    assert json.loads(cli("show", job_id, "--json").stdout)["state"] == "PENDING"
+    refused = cli("retry", job_id)
+    assert refused.exit_code == 2 and "only FAILED or CANCELLED jobs can be retried" in refused.stderr
+    teardown = cli("teardown", job_id)
+    assert teardown.exit_code == 2 and "cancel it first" in teardown.stderr
+
+
+def test_events_follow_ends_with_the_job(cli):
+    job_id = json.loads(cli("run", str(QUICKSTART), "--json").stdout)["id"]
+    followed = cli("events", job_id, "--follow", "--json")
+    assert followed.exit_code == 0
+    lines = [json.loads(line) for line in followed.stdout.splitlines()]
+    assert lines[0]["to"] == "PENDING" and lines[-1]["to"] == "SUCCEEDED"

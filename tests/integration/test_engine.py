@@ -198,3 +198,20 @@ async def test_per_step_retry_limit_fails_with_the_reason(store, emulator, spec_
     assert "HTTP 503" in job.error["message"]
     retried = [e.detail for e in await store.events(job.id) if "failed (" in (e.detail or "")]
     assert retried and "retrying in" in retried[0]
+
+
+async def test_unknown_spec_code_and_base_model_fail_before_creating(store, emulator, spec_data):
+    data = dict(spec_data, endpoint={**spec_data["endpoint"],
+                                     "reserved_resource": {"mu": {"spec_code": "mu.nope", "min": 0, "max": 1}}})
+    job = await run_job(store, emulator.url, make_spec(data))
+    assert job.state is JobState.FAILED
+    assert job.error["code"] == "fabricflow.invalid_spec"
+    assert "unknown spec_code mu.nope; Fabric offers" in job.error["message"]
+    assert "mu.llama3.8b" in job.error["message"]
+    assert (await stats(emulator.url))["created"]["endpoint"] == {}
+
+    model = {**spec_data["model"], "version": {"name": "v1", "config": {
+        "llm_model_config": {"base_model_type": "GPT_99", "model_path": "obs://b/m"}}}}
+    job = await run_job(store, emulator.url, make_spec(dict(spec_data, workspace={"name": "otherws"}, model=model)))
+    assert job.state is JobState.FAILED
+    assert "unknown base_model_type GPT_99" in job.error["message"]

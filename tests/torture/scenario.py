@@ -227,49 +227,58 @@ def wait_for_event(db: Path, where: str, after: int, deadline: Deadline, every: 
     return None
 
 
-def kill_round(rng: random.Random, db: Path, daemon: Daemon, mark: int, emulator: Emulator) -> dict[str, Any]:
-    """Wait for a (seeded) random moment of this daemon's life, SIGKILL it, describe the moment.
+def steps_done(db: Path) -> int:
+    return int(query(db, "SELECT COUNT(*) FROM steps WHERE state IN ('SUCCEEDED','SKIPPED','FAILED')")[0][0])
 
-    Three kinds of moments, biased towards creates in flight:
-    - ``intent`` (60%): a create intent (PENDING -> IN_FLIGHT) of a randomly chosen create step
-      was just committed; kill 0-50 ms later, while the lookup or the create is on the wire;
-    - ``in_flight`` (20%): any IN_FLIGHT transition, retries and invocations included; kill
-      0-50 ms later;
-    - ``random`` (20%): 0-1.5 s after the daemon's first event (claims, reclaims).
-    If the chosen moment does not come within a bounded time, any IN_FLIGHT transition will do.
+
+def steps_left(db: Path) -> int:
+    return int(query(db, "SELECT COUNT(*) FROM steps WHERE state NOT IN ('SUCCEEDED','SKIPPED','FAILED')")[0][0])
+
+
+def kill_round(rng: random.Random, db: Path, daemon: Daemon, daemon_log: Path, emulator: Emulator, *,
+               rounds_after: int) -> dict[str, Any]:
+    """Let the daemon live a (seeded) 0.3-1.2 s and make a random share of the remaining progress,
+    then SIGKILL it at a moment biased towards creates in flight; returns what it interrupted.
+
+    The share is about ``1 / (rounds_after + 2)`` of the steps still to do, so the kills spread
+    over the whole run instead of all landing at start-up (or after every job has finished).
+    Then, by a seeded roll:
+    - ``intent`` (60%): the next create intent (PENDING -> IN_FLIGHT) is committed; kill 0-50 ms
+      later, while the lookup or the create request is on the wire;
+    - ``in_flight`` (20%): the next IN_FLIGHT transition (retries, invocations); kill 0-50 ms later;
+    - ``random`` (20%): 0-0.5 s later, whatever the daemon is doing.
+    If the awaited transition does not come within a bounded time, the daemon is killed anyway.
     """
     roll = rng.random()
     mode = "intent" if roll < 0.6 else "in_flight" if roll < 0.8 else "random"
-    # Aim at a create step some job has still to start, so the wait is short and jobs do not
-    # race to the end between kills; with none left, any IN_FLIGHT transition will do.
-    pending = [name for (name,) in query(
-        db, "SELECT DISTINCT name FROM steps WHERE state = 'PENDING' AND name IN "
-            "('workspace','endpoint','model','service_instance')")]
-    target = rng.choice(sorted(pending)) if pending else None
-    if target is None and mode == "intent":
-        mode = "in_flight"
-    jitter = rng.uniform(0.0, 0.05) if mode != "random" else rng.uniform(0.0, 1.5)
-    where = {
-        "intent": f"from_state = 'PENDING' AND to_state = 'IN_FLIGHT' AND step = '{target}'",
-        "in_flight": "to_state = 'IN_FLIGHT'",
-        "random": "1 = 1",
-    }[mode]
-    # With every job finished there is nothing to wait for: the daemon writes no more events.
+    jitter = rng.uniform(0.0, 0.05) if mode != "random" else rng.uniform(0.0, 0.5)
+    budget = int(steps_left(db) * rng.uniform(0.1, 0.7) / (rounds_after + 2))
+    # A daemon killed again and again within a second of starting never reaches most of its
+    # jobs; each takeover counts towards the poison-job limit (5 in a row by default), so a
+    # cadence that fast fails jobs by design. Give every life a seeded 0.3-1.2 s first.
+    min_life = rng.uniform(0.3, 1.2)
+    start = steps_done(db)
+    deadline = Deadline(30.0)
+    while not deadline.passed and daemon.proc.poll() is None and \
+            '"daemon_started"' not in daemon_log.read_text(errors="replace"):
+        time.sleep(0.02)
+    alive_until = Deadline(min_life)
+    while not deadline.passed and daemon.proc.poll() is None and \
+            (steps_done(db) - start < budget or not alive_until.passed):
+        time.sleep(0.01)
+    progress = steps_done(db) - start
     busy = unfinished(db) > 0
+    mark = last_event_id(db)
+    seen = None
     if mode != "random" and busy:
-        # Let this daemon live a little (a seeded 0-1.5 s after its first event) before arming
-        # the trigger, so the kills spread over the jobs' progress instead of all landing on
-        # the first intent after each restart.
-        first = wait_for_event(db, "1 = 1", mark, Deadline(10.0), every=0.01)
-        life = rng.uniform(0.0, 1.5)
-        if first is not None:
-            time.sleep(life)  # the random length of this daemon's life, not a synchronisation
-            mark = last_event_id(db)
-    seen = wait_for_event(db, where, mark, Deadline(5.0 if busy else 0.5), every=0.005)
-    moment = f"intent:{target}" if mode == "intent" else mode
-    if seen is None and busy:
-        seen = wait_for_event(db, "to_state = 'IN_FLIGHT'", mark, Deadline(4.0), every=0.005)
-        moment = f"{moment}->in_flight" if seen is not None else f"{moment}:not_seen"
+        where = ("from_state = 'PENDING' AND to_state = 'IN_FLIGHT' AND step IN "
+                 "('workspace','endpoint','model','service_instance')" if mode == "intent"
+                 else "to_state = 'IN_FLIGHT'")
+        seen = wait_for_event(db, where, mark, Deadline(3.0), every=0.005)
+        if seen is None and mode == "intent":
+            seen = wait_for_event(db, "to_state = 'IN_FLIGHT'", mark, Deadline(2.0), every=0.005)
+            mode = "intent->in_flight" if seen is not None else mode
+        mode = mode if seen is not None else f"{mode}:not_seen"
     event = query(db, "SELECT step, from_state, to_state FROM events WHERE id = ?", seen) if seen else []
     if daemon.proc.poll() is not None:
         raise AssertionError(f"the daemon died by itself with exit code {daemon.proc.returncode}")
@@ -281,9 +290,10 @@ def kill_round(rng: random.Random, db: Path, daemon: Daemon, mark: int, emulator
                           "AND name IN ('workspace','endpoint','model','service_instance')")
     created = emulator.stats()["created"]
     landed = [(j, s) for j, s, n in in_flight if n and created.get(s, {}).get(n, 0) > 0]
-    return {"moment": moment, "after_event": list(event[0]) if event else None,
-            "jitter_ms": round(jitter * 1000, 1), "creates_in_flight": len(in_flight),
-            "creates_landed_not_committed": len(landed), "unfinished_jobs": unfinished(db)}
+    return {"moment": mode, "after_event": list(event[0]) if event else None,
+            "life_s": round(min_life, 2), "steps_done_before": progress, "jitter_ms": round(jitter * 1000, 1),
+            "creates_in_flight": len(in_flight), "creates_landed_not_committed": len(landed),
+            "unfinished_jobs": unfinished(db)}
 
 
 # --- checking --------------------------------------------------------------------------------
@@ -581,10 +591,10 @@ def run_torture(
             logs.append(log)
             return Daemon(url, emulator.url, log, **daemon_env)
 
-        for _ in range(kill_rounds):
-            mark = last_event_id(db)
+        for index in range(kill_rounds):
             daemon = start_daemon()
-            kills.append(kill_round(rng, db, daemon, mark, emulator))
+            kills.append(kill_round(rng, db, daemon, logs[-1], emulator,
+                                    rounds_after=kill_rounds - index - 1))
             daemon = None
 
         daemon = start_daemon()
@@ -626,6 +636,9 @@ def run_torture(
         "jobs": jobs,
         "kills": len(kills),
         "kills_by_moment": dict(sorted(Counter(k["moment"] for k in kills).items())),
+        "kills_after_step_event": dict(sorted(Counter(
+            f"{k['after_event'][0] or 'job'}:{k['after_event'][1]}->{k['after_event'][2]}"
+            for k in kills if k["after_event"]).items())),
         "kills_while_jobs_unfinished": sum(1 for k in kills if k["unfinished_jobs"]),
         "kills_with_creates_in_flight": sum(1 for k in kills if k["creates_in_flight"]),
         "kills_between_create_and_commit": sum(1 for k in kills if k["creates_landed_not_committed"]),

@@ -104,6 +104,7 @@ def test_on_existing_adopt(base):
 
 @pytest.mark.parametrize("field", ["workspace", "endpoint", "model"])
 def test_reuse_by_id(base, field):
+    base["workspace"] = {"id": "a935d0ef-1234-4abc-9def-0123456789ab"}  # children live in one
     base[field] = {"id": "e935d0ef-1234-4abc-9def-0123456789ab"}
     spec = parse_spec(base)
     value = getattr(spec, field)
@@ -333,3 +334,9 @@ def test_parse_duration(value, seconds):
 def test_parse_duration_rejects(value):
     with pytest.raises(ValueError):
         parse_duration(value)
+
+
+def test_reused_endpoint_needs_reused_workspace(base):
+    base["endpoint"] = {"id": "e" * 32}
+    lines = _problems(base)
+    assert any("reusing a endpoint needs workspace: {id: ...} too" in line for line in lines), lines
