@@ -278,7 +278,9 @@ class JobStore:
                  or_(jobs.c.run_after.is_(None), jobs.c.run_after <= now)),
             and_(jobs.c.state == JobState.RUNNING, jobs.c.lease_expires_at < now),
         )
-        query = select(jobs.c.id, jobs.c.state, jobs.c.lease_owner, jobs.c.recoveries).where(runnable)
+        # A job submitted under a newer spec format or state table waits for a daemon that knows it.
+        known = and_(jobs.c.spec_version <= SPEC_VERSION, jobs.c.state_version <= STATE_TABLE_VERSION)
+        query = select(jobs.c.id, jobs.c.state, jobs.c.lease_owner, jobs.c.recoveries).where(runnable, known)
         query = query.order_by(jobs.c.created_at).limit(limit)
         if self.engine.dialect.name == "postgresql":
             query = query.with_for_update(skip_locked=True)

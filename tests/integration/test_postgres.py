@@ -59,3 +59,4 @@ async def test_submit_notifies_listening_daemons(pg_store, spec_data):
     async with pg_store.listen(woke.set):
         await pg_store.submit(make_spec(spec_data))
         await asyncio.wait_for(woke.wait(), timeout=5)
+

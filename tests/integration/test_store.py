@@ -1,0 +1,50 @@
+"""JobStore on a real SQLite file: leases, recoveries, poison jobs, version gating."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sqlalchemy import update
+
+from orchestrator.machine import JobState
+from orchestrator.store.schema import jobs
+from tests.conftest import make_spec
+
+
+async def test_poison_job_ends_failed_after_too_many_recoveries(store, spec_data):
+    job = await store.submit(make_spec(spec_data))
+    for attempt in range(3):  # claimed, then the owner "crashes" (its lease just expires)
+        assert await store.claim_next(f"crash{attempt}", limit=1, lease=0.01, max_recoveries=2) == [job.id]
+        await asyncio.sleep(0.03)
+    assert await store.claim_next("next", limit=1, lease=30, max_recoveries=2) == []
+    failed = await store.get(job.id)
+    assert failed.state is JobState.FAILED
+    assert failed.error["code"] == "fabricflow.poison"
+    assert "interrupted 2 times in a row" in failed.error["message"]
+    assert f"fabricflow retry {job.id[:8]}" in failed.error["message"]
+
+
+async def test_reclaim_all_takes_every_running_job_at_start_up(store, spec_data):
+    a = await store.submit(make_spec(spec_data, name="a"))
+    b = await store.submit(make_spec(spec_data, name="b"))
+    await store.claim_next("dead", limit=2, lease=3600, max_recoveries=5)  # leases far from expiry
+    assert sorted(await store.reclaim_all("fresh", lease=30, max_recoveries=5)) == sorted([a.id, b.id])
+    assert {(await store.get(j.id)).lease_owner for j in (a, b)} == {"fresh"}
+    assert (await store.get(a.id)).recoveries == 1
+
+
+async def test_heartbeat_renews_only_the_owners_leases(store, spec_data):
+    mine = await store.submit(make_spec(spec_data, name="mine"))
+    theirs = await store.submit(make_spec(spec_data, name="theirs"))
+    await store.claim(mine.id, "me", lease=1)
+    await store.claim(theirs.id, "them", lease=1)
+    assert await store.heartbeat("me", lease=600) == 1
+    assert (await store.get(mine.id)).lease_expires_at > (await store.get(theirs.id)).lease_expires_at
+
+
+async def test_jobs_from_a_newer_fabricflow_wait_for_a_daemon_that_knows_them(store, spec_data):
+    job = await store.submit(make_spec(spec_data))
+    async with store.engine.begin() as conn:
+        await conn.execute(update(jobs).where(jobs.c.id == job.id).values(state_version=99))
+    assert await store.claim_next("old-daemon", limit=5, lease=30, max_recoveries=5) == []
+    assert (await store.get(job.id)).state is JobState.PENDING
