@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # `tests.torture` lives beside the package, not in it
 
-from tests.torture.scenario import run_torture  # noqa: E402
+from tests.torture.scenario import run_torture
 
 
 def rate(value: str) -> float:

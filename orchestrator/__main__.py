@@ -1,5 +1,5 @@
 """``python -m orchestrator`` is the ``fabricflow`` command."""
 
-from orchestrator.cli import main
+from orchestrator.entry import main
 
-main(prog_name="fabricflow")
+main()

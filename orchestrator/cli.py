@@ -6,10 +6,8 @@ Exit codes: 0 success, 1 the job failed, 2 bad input, 3 not found.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import signal
-import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -459,13 +457,3 @@ def config_show(ctx: click.Context) -> None:
 
 # The lifecycle commands register themselves on `main` when imported.
 from orchestrator import cli_lifecycle  # noqa: E402, F401
-
-
-def entry() -> None:  # pragma: no cover - console script shim
-    """Console-script entry point."""
-    with contextlib.suppress(KeyboardInterrupt):
-        main()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

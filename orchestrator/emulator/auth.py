@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from datetime import datetime, timezone, UTC
+from datetime import datetime, UTC
 
 from aiohttp import web
 

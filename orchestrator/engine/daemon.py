@@ -124,18 +124,14 @@ class Daemon:
             async with heartbeat(self.store, self.runner, cfg), self.store.listen(self._wake.set):
                 if db.is_sqlite(self.url):
                     # This process owns the file, so every RUNNING job was orphaned by a crash.
-                    for job_id in await self.store.reclaim_all(
-                        self.owner, lease=cfg.lease_seconds, max_recoveries=cfg.max_recoveries
-                    ):
+                    for job_id in await self.store.reclaim_all(self.owner, lease=cfg.lease_seconds):
                         self._spawn(job_id)
                 log.info("daemon_started", owner=self.owner, database=db.describe(self.url))
                 if ready is not None:
                     ready.set()
                 while not self.runner.stop.is_set():
                     free = cfg.concurrency - len(self.tasks)
-                    for job_id in await self.store.claim_next(
-                        self.owner, limit=free, lease=cfg.lease_seconds, max_recoveries=cfg.max_recoveries
-                    ):
+                    for job_id in await self.store.claim_next(self.owner, limit=free, lease=cfg.lease_seconds):
                         self._spawn(job_id)
                     self._wake.clear()
                     with contextlib.suppress(TimeoutError):

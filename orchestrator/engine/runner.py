@@ -66,6 +66,7 @@ class EngineSettings:
     backoff_cap: float = 30.0
     teardown_timeout: float = 30 * 60.0
     attempts_per_step: tuple[tuple[str, int], ...] = ()
+    max_runs: int = 5  # runs in a row without progress before a job is failed as poison
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EngineSettings:
@@ -73,7 +74,8 @@ class EngineSettings:
         return cls(poll_initial=settings.poll.initial, poll_max=settings.poll.max,
                    max_attempts=settings.retry.max_attempts, backoff_base=settings.retry.backoff_base,
                    backoff_cap=settings.retry.backoff_cap,
-                   attempts_per_step=tuple(sorted(settings.retry.per_step.items())))
+                   attempts_per_step=tuple(sorted(settings.retry.per_step.items())),
+                   max_runs=settings.daemon.max_recoveries)
 
     def attempts_for(self, step: StepName) -> int:
         """The retry limit of one step: its override, or ``max_attempts``."""
@@ -143,6 +145,8 @@ class Runner:
         job = await self.store.get(job_id)
         if job.state is not JobState.RUNNING or job.lease_owner != self.owner:
             return job.state
+        if not await self.store.begin_run(job_id, self.owner, max_runs=self.settings.max_runs):
+            return (await self.store.get(job_id)).state
         cancel = self._cancels.setdefault(job_id, asyncio.Event())
         try:
             with structlog.contextvars.bound_contextvars(job_id=job_id):

@@ -262,14 +262,8 @@ class JobStore:
             await self._event(conn, job_id, None, JobState.PENDING, JobState.RUNNING, f"claimed by {owner}")
         return await self.get(job_id)
 
-    async def claim_next(
-        self, owner: str, *, limit: int, lease: float, max_recoveries: int
-    ) -> list[str]:
-        """Claim up to ``limit`` runnable jobs: PENDING ones and RUNNING ones whose lease expired.
-
-        Taking over an expired lease counts as a recovery; a job recovered more than
-        ``max_recoveries`` times in a row ends FAILED instead of being run again.
-        """
+    async def claim_next(self, owner: str, *, limit: int, lease: float) -> list[str]:
+        """Claim up to ``limit`` runnable jobs: PENDING ones and RUNNING ones whose lease expired."""
         if limit <= 0:
             return []
         now = self.clock()
@@ -280,64 +274,66 @@ class JobStore:
         )
         # A job submitted under a newer spec format or state table waits for a daemon that knows it.
         known = and_(jobs.c.spec_version <= SPEC_VERSION, jobs.c.state_version <= STATE_TABLE_VERSION)
-        query = select(jobs.c.id, jobs.c.state, jobs.c.lease_owner, jobs.c.recoveries).where(runnable, known)
+        query = select(jobs.c.id, jobs.c.state, jobs.c.lease_owner).where(runnable, known)
         query = query.order_by(jobs.c.created_at).limit(limit)
         if self.engine.dialect.name == "postgresql":
             query = query.with_for_update(skip_locked=True)
-        claimed: list[str] = []
         async with self._writer.begin() as conn:
-            for row in (await conn.execute(query)).all():
-                if await self._take(conn, row, owner, now, lease, max_recoveries):
-                    claimed.append(row.id)
-        return claimed
+            return [row.id for row in (await conn.execute(query)).all()
+                    if await self._take(conn, row, owner, now, lease)]
 
-    async def reclaim_all(self, owner: str, *, lease: float, max_recoveries: int) -> list[str]:
+    async def reclaim_all(self, owner: str, *, lease: float) -> list[str]:
         """Take every RUNNING job whatever its lease (SQLite start-up: one daemon per file)."""
         now = self.clock()
-        query = select(jobs.c.id, jobs.c.state, jobs.c.lease_owner, jobs.c.recoveries).where(
-            jobs.c.state == JobState.RUNNING
-        )
-        claimed: list[str] = []
+        query = select(jobs.c.id, jobs.c.state, jobs.c.lease_owner).where(jobs.c.state == JobState.RUNNING)
         async with self._writer.begin() as conn:
-            for row in (await conn.execute(query)).all():
-                if await self._take(conn, row, owner, now, lease, max_recoveries):
-                    claimed.append(row.id)
-        return claimed
+            return [row.id for row in (await conn.execute(query)).all()
+                    if await self._take(conn, row, owner, now, lease)]
 
-    async def _take(
-        self, conn: AsyncConnection, row: Any, owner: str, now: datetime, lease: float,
-        max_recoveries: int,
-    ) -> bool:
+    async def _take(self, conn: AsyncConnection, row: Any, owner: str, now: datetime, lease: float) -> bool:
         src = JobState(row.state)
-        recovered = src is JobState.RUNNING
-        recoveries = row.recoveries + 1 if recovered else row.recoveries
-        guard = and_(jobs.c.id == row.id, jobs.c.state == src,
-                     _eq_or_null(jobs.c.lease_owner, row.lease_owner))
-        if recoveries > max_recoveries:
-            message = (
-                f"interrupted {row.recoveries} times in a row (crashes or lost leases) without "
-                f"progress; giving up on this poison job. `fabricflow retry {row.id[:8]}` runs it again"
-            )
-            error = {"code": "fabricflow.poison", "message": message, "request_id": None}
-            await conn.execute(
-                update(jobs).where(guard).values(
-                    state=JobState.FAILED, error=error, lease_owner=None, lease_expires_at=None,
-                    updated_at=now, finished_at=now, recoveries=recoveries)
-            )
-            await self._event(conn, row.id, None, src, JobState.FAILED, message)
-            return False
+        guard = and_(jobs.c.id == row.id, jobs.c.state == src, _eq_or_null(jobs.c.lease_owner, row.lease_owner))
         result = await conn.execute(
             update(jobs).where(guard).values(
-                state=JobState.RUNNING, lease_owner=owner, recoveries=recoveries,
-                started_at=func.coalesce(jobs.c.started_at, now),
+                state=JobState.RUNNING, lease_owner=owner, started_at=func.coalesce(jobs.c.started_at, now),
                 lease_expires_at=now + timedelta(seconds=lease), updated_at=now)
         )
         if result.rowcount != 1:
             return False
-        detail = (f"recovered by {owner} (previous owner {row.lease_owner}, recovery {recoveries})"
-                  if recovered else f"claimed by {owner}")
+        detail = (f"recovered by {owner} (previous owner {row.lease_owner})"
+                  if src is JobState.RUNNING else f"claimed by {owner}")
         await self._event(conn, row.id, None, src, JobState.RUNNING, detail)
         return True
+
+    async def begin_run(self, job_id: str, owner: str, *, max_runs: int) -> bool:
+        """Count a run of the job starting; False (the job is not to be run) if it is a poison job.
+
+        ``recoveries`` counts runs started since the job last committed a step transition. A job
+        whose runs keep ending (crashes, lost leases) before any progress ends FAILED once it
+        exceeds ``max_runs``, instead of taking every daemon down with it.
+        """
+        now = self.clock()
+        mine = and_(jobs.c.id == job_id, jobs.c.lease_owner == owner, jobs.c.state == JobState.RUNNING)
+        async with self._writer.begin() as conn:
+            runs = (await conn.execute(select(jobs.c.recoveries).where(mine))).scalar_one_or_none()
+            if runs is None:
+                return False  # the lease was lost meanwhile
+            if runs < max_runs:
+                await conn.execute(update(jobs).where(mine).values(recoveries=runs + 1))
+                return True
+            open_steps = (await conn.execute(
+                select(steps.c.name).where(steps.c.job_id == job_id, steps.c.state == StepState.IN_FLIGHT)
+            )).scalars().all()
+            maybe = (f"; step {', '.join(open_steps)} was IN_FLIGHT, so its resource may exist: `fabricflow "
+                     f"retry {job_id[:8]}` adopts it, `fabricflow teardown {job_id[:8]}` deletes it"
+                     if open_steps else "")
+            message = (f"its run was interrupted {runs} times in a row without progress (crashes or lost "
+                       f"leases); giving up on this poison job{maybe}")
+            await conn.execute(update(jobs).where(mine).values(
+                state=JobState.FAILED, lease_owner=None, lease_expires_at=None, updated_at=now, finished_at=now,
+                error={"code": "fabricflow.poison", "message": message, "request_id": None}))
+            await self._event(conn, job_id, None, JobState.RUNNING, JobState.FAILED, message)
+        return False
 
     @contextlib.asynccontextmanager
     async def listen(self, on_notify: Callable[[], None]) -> AsyncIterator[None]:
@@ -373,12 +369,11 @@ class JobStore:
     async def release(self, job_id: str, owner: str, *, detail: str, crashed: bool = False) -> None:
         """Hand a RUNNING job back: PENDING, no owner.
 
-        ``crashed`` (the run died of an unexpected error) counts towards the poison-job limit and
-        delays the next claim a little, so a job that always crashes cannot spin.
+        ``crashed`` (the run died of an unexpected error) delays the next claim a little, so a job
+        that always crashes cannot spin; its runs count towards the poison-job limit.
         """
         values: dict[str, Any] = {}
         if crashed:
-            values["recoveries"] = jobs.c.recoveries + 1
             values["run_after"] = self.clock() + timedelta(seconds=5)
         await self._move_job(job_id, owner, JobState.PENDING, detail=detail, **values)
 
@@ -443,9 +438,8 @@ class JobStore:
             )
             if result.rowcount != 1:
                 raise StaleTransition(f"step {name} of job {job_id} is not {expected} under {owner}")
-            job_values: dict[str, Any] = {"updated_at": now}
-            if to.is_done:
-                job_values["recoveries"] = 0  # progress: the crash streak is over
+            # Any committed transition is progress: the streak of interrupted runs is over.
+            job_values: dict[str, Any] = {"updated_at": now, "recoveries": 0}
             if job_result is not None:
                 job_values["result"] = job_result
             await conn.execute(update(jobs).where(jobs.c.id == job_id).values(**job_values))

@@ -6,31 +6,45 @@ import asyncio
 
 from sqlalchemy import update
 
-from orchestrator.machine import JobState
+from orchestrator.machine import JobState, StepName, StepState
 from orchestrator.store.schema import jobs
 from tests.conftest import make_spec
 
 
-async def test_poison_job_ends_failed_after_too_many_recoveries(store, spec_data):
+async def test_poison_job_ends_failed_after_too_many_interrupted_runs(store, spec_data):
     job = await store.submit(make_spec(spec_data))
-    for attempt in range(3):  # claimed, then the owner "crashes" (its lease just expires)
-        assert await store.claim_next(f"crash{attempt}", limit=1, lease=0.01, max_recoveries=2) == [job.id]
+    for attempt in range(2):  # a run starts, then its daemon "crashes" (the lease just expires)
+        assert await store.claim_next(f"crash{attempt}", limit=1, lease=0.01) == [job.id]
+        assert await store.begin_run(job.id, f"crash{attempt}", max_runs=2) is True
         await asyncio.sleep(0.03)
-    assert await store.claim_next("next", limit=1, lease=30, max_recoveries=2) == []
+    assert await store.claim_next("third", limit=1, lease=30) == [job.id]
+    assert await store.begin_run(job.id, "third", max_runs=2) is False
     failed = await store.get(job.id)
     assert failed.state is JobState.FAILED
     assert failed.error["code"] == "fabricflow.poison"
-    assert "interrupted 2 times in a row" in failed.error["message"]
-    assert f"fabricflow retry {job.id[:8]}" in failed.error["message"]
+    assert "interrupted 2 times in a row without progress" in failed.error["message"]
+
+
+async def test_progress_resets_the_poison_count_and_in_flight_steps_are_named(store, spec_data):
+    job = await store.submit(make_spec(spec_data))
+    await store.claim(job.id, "a", lease=30)
+    assert await store.begin_run(job.id, "a", max_runs=1) is True
+    await store.move_step(job.id, "a", StepName.WORKSPACE, expected=StepState.PENDING,
+                          to=StepState.IN_FLIGHT, detail="intent", request_name="ws")
+    assert (await store.get(job.id)).recoveries == 0  # progress
+    assert await store.begin_run(job.id, "a", max_runs=1) is True
+    assert await store.begin_run(job.id, "a", max_runs=1) is False
+    message = (await store.get(job.id)).error["message"]
+    assert "step workspace was IN_FLIGHT" in message and f"fabricflow teardown {job.id[:8]}" in message
 
 
 async def test_reclaim_all_takes_every_running_job_at_start_up(store, spec_data):
     a = await store.submit(make_spec(spec_data, name="a"))
     b = await store.submit(make_spec(spec_data, name="b"))
-    await store.claim_next("dead", limit=2, lease=3600, max_recoveries=5)  # leases far from expiry
-    assert sorted(await store.reclaim_all("fresh", lease=30, max_recoveries=5)) == sorted([a.id, b.id])
+    await store.claim_next("dead", limit=2, lease=3600)  # leases far from expiry
+    assert sorted(await store.reclaim_all("fresh", lease=30)) == sorted([a.id, b.id])
     assert {(await store.get(j.id)).lease_owner for j in (a, b)} == {"fresh"}
-    assert (await store.get(a.id)).recoveries == 1
+    assert "recovered by fresh (previous owner dead)" in (await store.events(a.id))[-1].detail
 
 
 async def test_heartbeat_renews_only_the_owners_leases(store, spec_data):
@@ -46,5 +60,5 @@ async def test_jobs_from_a_newer_fabricflow_wait_for_a_daemon_that_knows_them(st
     job = await store.submit(make_spec(spec_data))
     async with store.engine.begin() as conn:
         await conn.execute(update(jobs).where(jobs.c.id == job.id).values(state_version=99))
-    assert await store.claim_next("old-daemon", limit=5, lease=30, max_recoveries=5) == []
+    assert await store.claim_next("old-daemon", limit=5, lease=30) == []
     assert (await store.get(job.id)).state is JobState.PENDING

@@ -40,7 +40,13 @@ from typing import Any
 import yaml
 
 from orchestrator.config import DaemonSettings, RetrySettings
-from orchestrator.machine import JOB_TRANSITIONS, STEP_TRANSITIONS, JobState, StepName, StepState
+from orchestrator.machine import (
+    JOB_TRANSITIONS,
+    STEP_TRANSITIONS,
+    JobState,
+    StepName,
+    StepState,
+)
 from tests.crash.procs import Daemon, Emulator, cli, query
 
 ROOT = Path(__file__).resolve().parents[2]

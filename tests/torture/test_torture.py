@@ -12,7 +12,7 @@ import pytest
 
 from tests.torture.scenario import LEGITIMATE_FAILURE_CODES, check_events, run_torture
 
-CI_SIZE = dict(jobs=12, kill_rounds=4, fail_rate=0.1, drop_rate=0.1, slow_rate=0.05, seed=7)
+CI_SIZE = {"jobs": 12, "kill_rounds": 4, "fail_rate": 0.1, "drop_rate": 0.1, "slow_rate": 0.05, "seed": 7}
 
 
 @pytest.mark.timeout(180)
