@@ -73,7 +73,7 @@ class DaemonSettings(_Section):
     lease_seconds: float = Field(default=30.0, gt=0)
     heartbeat_seconds: float = Field(default=10.0, gt=0)
     claim_interval: float = Field(default=0.5, gt=0)
-    max_recoveries: int = Field(default=5, ge=1)
+    max_recoveries: int = Field(default=10, ge=1)
     drain_seconds: float = Field(default=20.0, gt=0)
 
 

@@ -52,6 +52,7 @@ async def create(rt: Runner, ctx: Context, name: StepName, ops: CreateStep) -> N
     while True:
         try:
             matches = await ops.find(rt.client, job, request_name)
+            await rt.progressed(ctx)
             ours = [m for m in matches if marker in (m.description or "")]
             if len(ours) > 1:
                 ids = ", ".join(m.id for m in ours)
@@ -150,6 +151,7 @@ async def wait(rt: Runner, ctx: Context, name: StepName, ops: PollStep) -> None:
     while True:
         try:
             found = await rt.poller.read(key, lambda: ops.fetch(rt.client, job, resource_id))
+            await rt.progressed(ctx)
             if ops.check(found, resource=ops.kind):
                 rt.poller.forget(key)
                 await rt.move(ctx, name, state, StepState.SUCCEEDED, f"{ops.kind} {resource_id} is RUNNING",

@@ -66,7 +66,7 @@ class EngineSettings:
     backoff_cap: float = 30.0
     teardown_timeout: float = 30 * 60.0
     attempts_per_step: tuple[tuple[str, int], ...] = ()
-    max_runs: int = 5  # runs in a row without progress before a job is failed as poison
+    max_runs: int = 10  # runs in a row without progress before a job is failed as poison
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EngineSettings:
@@ -107,6 +107,7 @@ class Context:
     spec: JobSpec | None
     deadline: datetime | None
     cancel: asyncio.Event
+    unproven: bool = True  # this run has not yet had a useful answer from Fabric
 
 
 class Runner:
@@ -208,10 +209,17 @@ class Runner:
 
     # --- shared step plumbing ----------------------------------------------------------------
 
+    async def progressed(self, ctx: Context) -> None:
+        """Fabric answered usefully: this run is not one more interrupted run (poison count)."""
+        if ctx.unproven:
+            await self.store.mark_progress(ctx.job.id, self.owner)
+            ctx.unproven = False
+
     async def move(self, ctx: Context, name: StepName, src: StepState, dst: StepState, detail: str,
                    **fields: Any) -> None:
         """Commit one step transition (compare-and-set under the lease) and report it."""
         await self.store.move_step(ctx.job.id, self.owner, name, expected=src, to=dst, detail=detail, **fields)
+        ctx.unproven = False  # a committed transition resets the poison count too
         log.info("step_transitioned", **{"from": str(src), "to": str(dst)}, detail=detail)
         self.observer.on_step(ctx.job, name, dst, detail)
 

@@ -153,6 +153,7 @@ async def _wait_gone(rt: Runner, ctx: Context, ops: DeleteStep, workspace_id: st
     polls = 0
     for target in targets:
         while not await ops.gone(rt.client, workspace_id, target):
+            await rt.progressed(ctx)
             if rt.store.clock() >= deadline:
                 raise TerminalError(f"{ops.kind} {target} was still not gone after "
                                     f"{rt.settings.teardown_timeout:.0f}s", code="fabricflow.timeout")

@@ -335,6 +335,12 @@ class JobStore:
             await self._event(conn, job_id, None, JobState.RUNNING, JobState.FAILED, message)
         return False
 
+    async def mark_progress(self, job_id: str, owner: str) -> None:
+        """The current run got a useful answer from Fabric: its streak of interrupted runs is over."""
+        async with self._writer.begin() as conn:
+            await conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.lease_owner == owner,
+                                                  jobs.c.recoveries > 0).values(recoveries=0))
+
     @contextlib.asynccontextmanager
     async def listen(self, on_notify: Callable[[], None]) -> AsyncIterator[None]:
         """Call ``on_notify`` whenever a job is submitted (PostgreSQL LISTEN; no-op on SQLite)."""
