@@ -16,16 +16,15 @@ from sqlalchemy.exc import DBAPIError
 
 from orchestrator import logs
 from orchestrator.config import Settings, load_settings
-from orchestrator.engine.daemon import Daemon, heartbeat, new_owner
-from orchestrator.engine.procedure import check_reused
-from orchestrator.engine.runner import EngineSettings, Runner
 from orchestrator.errors import OrchestratorError, UserError
 from orchestrator.machine import JobState
 from orchestrator.render import ProgressPrinter, format_event, format_job, format_jobs
 from orchestrator.spec import load_spec
 from orchestrator.store import db
 from orchestrator.store.jobs import JobStore
-from orchestrator.wiring import client_for, fabric_target
+
+# The engine, the Fabric client and aiohttp are imported inside the commands that talk to
+# Fabric, so that `list`, `show` and `events` start quickly.
 
 T = TypeVar("T")
 EXIT_FAILED = 1
@@ -151,6 +150,11 @@ def run(ctx: click.Context, spec_file: str, as_json: bool) -> None:
 
 
 async def _run(settings: Settings, spec: Any) -> Any:
+    from orchestrator.engine.daemon import heartbeat, new_owner
+    from orchestrator.engine.procedure import check_reused
+    from orchestrator.engine.runner import EngineSettings, Runner
+    from orchestrator.wiring import client_for, fabric_target
+
     store = await _open(settings)
     try:
         async with fabric_target(settings) as target, client_for(settings, target) as client:
@@ -268,6 +272,10 @@ def daemon(ctx: click.Context, concurrency: int | None) -> None:
         settings.daemon.concurrency = concurrency
 
     async def go() -> None:
+        from orchestrator.engine.daemon import Daemon, new_owner
+        from orchestrator.engine.runner import EngineSettings, Runner
+        from orchestrator.wiring import client_for, fabric_target
+
         store = await _open(settings)
         try:
             async with fabric_target(settings) as target, client_for(settings, target) as client:

@@ -24,7 +24,6 @@ from orchestrator.domain import Invocation, Job
 from orchestrator.errors import FabricError, UserError
 from orchestrator.machine import JobKind, JobState, StepName, StepState
 from orchestrator.store.jobs import JobStore
-from orchestrator.wiring import client_for, fabric_target
 
 
 @main.command()
@@ -203,6 +202,8 @@ def invoke(ctx: click.Context, job_ref: str, message: str, temperature: float | 
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
 
     async def go(store: JobStore) -> Invocation:
+        from orchestrator.wiring import client_for, fabric_target
+
         job = await _target_of(store, job_ref)
         async with fabric_target(settings) as target, client_for(settings, target) as client:
             return await _invoke_once(settings, store, job, client, messages,
@@ -232,6 +233,8 @@ def chat(ctx: click.Context, job_ref: str, temperature: float | None, max_tokens
     options = _options(temperature, max_tokens, top_p)
 
     async def go(store: JobStore) -> None:
+        from orchestrator.wiring import client_for, fabric_target
+
         job = await _target_of(store, job_ref)
         history = [{"role": "system", "content": system}] if system else []
         async with fabric_target(settings) as target, client_for(settings, target) as client:
