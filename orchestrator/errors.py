@@ -11,7 +11,7 @@
     └── UserError             bad input from the command line (spec, config, job id): exit 2
         └── NotFoundError     a job id that matches nothing: exit 3
 
-Only ``fabric.client.classify`` maps HTTP statuses and aiohttp exceptions into this tree.
+Only ``fabric.classify.classify`` maps HTTP statuses and aiohttp exceptions into this tree.
 Bugs (``StaleTransition``, ``IllegalTransition``) live outside it and crash loudly.
 """
 

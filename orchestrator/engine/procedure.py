@@ -69,7 +69,7 @@ async def create(rt: Runner, ctx: Context, name: StepName, ops: CreateStep) -> N
             body = ops.body(job, spec)
             if ops.validate is not None:
                 await ops.validate(rt.client, body)
-            rt._check(ctx, name)  # last safe point before the create request
+            rt.checkpoint(ctx, name)  # last safe point before the create request
             created = await ops.create(rt.client, job, body)
             await _done(rt, ctx, name, state, created, f"created {ops.kind} {created.id}")
             return

@@ -168,7 +168,7 @@ class Runner:
                 await teardown.wait_for_parent(self, ctx)
             order = tuple(row.name for row in TABLES[job.kind])
             while (name := next_step({n: s.state for n, s in ctx.job.steps.items()}, order)) is not None:
-                self._check(ctx, name)
+                self.checkpoint(ctx, name)
                 with structlog.contextvars.bound_contextvars(step=str(name)):
                     if job.kind is JobKind.CREATE:
                         await procedure.advance(self, ctx, name)
@@ -195,7 +195,7 @@ class Runner:
         log.info("job_transitioned", to="SUCCEEDED")
         return JobState.SUCCEEDED
 
-    def _check(self, ctx: Context, name: StepName | None) -> None:
+    def checkpoint(self, ctx: Context, name: StepName | None) -> None:
         """A safe point: stop here if asked to drain, cancel, or out of time."""
         if self.stop.is_set():
             raise Released
@@ -262,4 +262,4 @@ class Runner:
             finally:
                 stop.cancel()
                 cancel.cancel()
-        self._check(ctx, None)
+        self.checkpoint(ctx, None)

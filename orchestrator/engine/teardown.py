@@ -80,7 +80,7 @@ async def advance(rt: Runner, ctx: Context, name: StepName) -> None:
                 if not targets:
                     await rt.move(ctx, name, state, StepState.SKIPPED, why)
                     return
-                rt._check(ctx, name)
+                rt.checkpoint(ctx, name)
                 await rt.move(ctx, name, state, StepState.IN_FLIGHT,
                               f"intent: delete {ops.kind} {', '.join(targets)}", resource_id=targets[0],
                               extra={"targets": targets})

@@ -19,7 +19,7 @@ from orchestrator.errors import (
     RetryableError,
     TerminalError,
 )
-from orchestrator.fabric.client import classify, parse_error_body, parse_retry_after
+from orchestrator.fabric.classify import classify, parse_error_body, parse_retry_after
 
 R, NR, T = RetryableError, NeedsReconcileError, TerminalError
 KINDS = ("read", "create", "invoke", "delete")
