@@ -67,7 +67,7 @@ def test_defaults(clean_env):
     assert s.daemon.concurrency == 200
     assert s.daemon.lease_seconds == 30.0
     assert s.daemon.heartbeat_seconds == 10.0
-    assert s.daemon.max_recoveries == 5
+    assert s.daemon.max_recoveries == 10
     assert (s.emulator.ready_after, s.emulator.instance_ready_after) == (3.0, 2.0)
     assert s.config_files == (str(DEFAULT_CONFIG_FILE),)
 
