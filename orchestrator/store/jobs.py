@@ -7,8 +7,10 @@ disagree and a daemon that lost its lease cannot overwrite the new owner's work.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -45,6 +47,19 @@ class JobStore(LeaseMixin):
         self.engine = engine
         self._writer = engine.execution_options(**{db.WRITE: True})
         self.clock = clock
+        # SQLite has one writer at a time; queueing this process's writers here is much faster
+        # than letting them contend for the file lock, whose busy handler sleeps between tries.
+        self._write_lock = asyncio.Lock() if engine.dialect.name == "sqlite" else None
+
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction (BEGIN IMMEDIATE on SQLite), committed when the block ends."""
+        if self._write_lock is None:
+            async with self._writer.begin() as conn:
+                yield conn
+            return
+        async with self._write_lock, self._writer.begin() as conn:
+            yield conn
 
     @classmethod
     async def open(cls, url: str, *, auto_upgrade: bool | None = None) -> JobStore:
@@ -66,14 +81,14 @@ class JobStore(LeaseMixin):
 
     async def submit(self, spec: JobSpec) -> Job:
         """Insert a PENDING job with its steps, all PENDING."""
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             job_id = await self._insert(conn, name=spec.name, kind=JobKind.CREATE,
                                         spec=spec.model_dump(mode="json"), detail=f"submitted {spec.name!r}")
         return await self.get(job_id)
 
     async def submit_teardown(self, parent_id: str) -> Job:
         """Insert a PENDING teardown job for ``parent_id`` (which must not be RUNNING)."""
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             parent = (await conn.execute(select(jobs).where(jobs.c.id == parent_id))).mappings().one()
             if parent["kind"] != JobKind.CREATE:
                 raise UserError(f"job {parent_id[:8]} is itself a teardown; there is nothing to tear down")
@@ -117,7 +132,7 @@ class JobStore(LeaseMixin):
         Returns the job's state afterwards (RUNNING means "cancellation requested").
         """
         now = self.clock()
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             done = await conn.execute(
                 update(jobs).where(jobs.c.id == job_id, jobs.c.state == JobState.PENDING)
                 .values(state=JobState.CANCELLED, updated_at=now, finished_at=now, cancel_requested_at=now)
@@ -139,7 +154,7 @@ class JobStore(LeaseMixin):
     async def retry(self, job_id: str) -> Job:
         """Put a FAILED or CANCELLED job back to PENDING, its failed step too; IDs are kept."""
         now = self.clock()
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             row = (await conn.execute(select(jobs.c.state).where(jobs.c.id == job_id))).scalar_one()
             src = JobState(row)
             if src not in (JobState.FAILED, JobState.CANCELLED):
@@ -169,7 +184,7 @@ class JobStore(LeaseMixin):
 
     async def record_invocation(self, job_id: str, **values: Any) -> Invocation:
         """Store one invocation made outside the procedure (``fabricflow invoke``/``chat``)."""
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             result = await conn.execute(
                 insert(invocations).values(job_id=job_id, at=self.clock(), **values)
                 .returning(*invocations.c)
@@ -261,7 +276,7 @@ class JobStore(LeaseMixin):
         values.update(state=to, lease_owner=None, lease_expires_at=None, updated_at=now)
         if to.is_terminal:
             values["finished_at"] = now
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             result = await conn.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id, jobs.c.state == JobState.RUNNING, jobs.c.lease_owner == owner)
@@ -290,7 +305,7 @@ class JobStore(LeaseMixin):
             fields.setdefault("finished_at", now)
         held = exists().where(jobs.c.id == job_id, jobs.c.lease_owner == owner,
                               jobs.c.state == JobState.RUNNING)
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             result = await conn.execute(
                 update(steps)
                 .where(steps.c.job_id == job_id, steps.c.name == name, steps.c.state == expected, held)
@@ -307,7 +322,7 @@ class JobStore(LeaseMixin):
 
     async def note(self, job_id: str, detail: str, *, step: StepName | None = None) -> None:
         """Log an event that changes no state (a retry, a poll result worth keeping)."""
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             await self._event(conn, job_id, step, None, None, detail)
 
     async def _event(

@@ -32,7 +32,7 @@ class LeaseMixin:
     async def claim(self: JobStore, job_id: str, owner: str, *, lease: float) -> Job | None:
         """Take one PENDING job (``fabricflow run``); None if it is not PENDING."""
         now = self.clock()
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             result = await conn.execute(
                 update(jobs)
                 .where(jobs.c.id == job_id, jobs.c.state == JobState.PENDING)
@@ -60,7 +60,7 @@ class LeaseMixin:
         query = query.order_by(jobs.c.created_at).limit(limit)
         if self.engine.dialect.name == "postgresql":
             query = query.with_for_update(skip_locked=True)
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             return [row.id for row in (await conn.execute(query)).all()
                     if await self._take(conn, row, owner, now, lease)]
 
@@ -68,7 +68,7 @@ class LeaseMixin:
         """Take every RUNNING job whatever its lease (SQLite start-up: one daemon per file)."""
         now = self.clock()
         query = select(jobs.c.id, jobs.c.state, jobs.c.lease_owner).where(jobs.c.state == JobState.RUNNING)
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             return [row.id for row in (await conn.execute(query)).all()
                     if await self._take(conn, row, owner, now, lease)]
 
@@ -96,7 +96,7 @@ class LeaseMixin:
         """
         now = self.clock()
         mine = and_(jobs.c.id == job_id, jobs.c.lease_owner == owner, jobs.c.state == JobState.RUNNING)
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             runs = (await conn.execute(select(jobs.c.recoveries).where(mine))).scalar_one_or_none()
             if runs is None:
                 return False  # the lease was lost meanwhile
@@ -119,7 +119,7 @@ class LeaseMixin:
 
     async def mark_progress(self: JobStore, job_id: str, owner: str) -> None:
         """The current run got a useful answer from Fabric: its streak of interrupted runs is over."""
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             await conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.lease_owner == owner,
                                                   jobs.c.recoveries > 0).values(recoveries=0))
 
@@ -146,7 +146,7 @@ class LeaseMixin:
     async def heartbeat(self: JobStore, owner: str, *, lease: float) -> int:
         """Extend every lease ``owner`` holds, in one statement; returns how many."""
         now = self.clock()
-        async with self._writer.begin() as conn:
+        async with self._write() as conn:
             result = await conn.execute(
                 update(jobs)
                 .where(jobs.c.lease_owner == owner, jobs.c.state == JobState.RUNNING)
