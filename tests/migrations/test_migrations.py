@@ -81,3 +81,20 @@ def test_bad_database_url():
         db.create_engine("not a url")
     with pytest.raises(UserError, match="unsupported database"):
         db.create_engine("mysql://x/y")
+
+
+@pytest.mark.parametrize(
+    ("driver_message", "said"),
+    [
+        ("database is locked", "the database is locked by another process"),
+        ("attempt to write a readonly database", "the database is read-only"),
+        ("database or disk is full", "the disk is full"),
+        ("file is not a database", "not a SQLite database file"),
+        ("unable to open database file", "cannot open the database file (check the directory exists and is writable)"),
+    ],
+)
+def test_database_problems_are_one_plain_line(driver_message, said):
+    from sqlalchemy.exc import OperationalError
+
+    exc = OperationalError("UPDATE jobs SET ...", {"secret": "params"}, sqlite3.OperationalError(driver_message))
+    assert db.database_problem(exc) == said
