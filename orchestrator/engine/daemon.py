@@ -56,6 +56,9 @@ def sqlite_file_lock(url: str) -> AsyncIterator[None]:  # type: ignore[misc]
         handle.close()  # closing releases the lock; the kernel does the same on kill -9
 
 
+#: Most jobs claimed per claim round.
+CLAIM_BATCH = 100
+
 #: How often a runner's process looks for `fabricflow cancel` requests, in seconds.
 CANCEL_POLL_SECONDS = 1.0
 
@@ -130,7 +133,9 @@ class Daemon:
                 if ready is not None:
                     ready.set()
                 while not self.runner.stop.is_set():
-                    free = cfg.concurrency - len(self.tasks)
+                    # Claim in batches: a flood of new jobs ramps up instead of queueing thousands
+                    # of first transitions at once.
+                    free = min(cfg.concurrency - len(self.tasks), CLAIM_BATCH)
                     for job_id in await self.store.claim_next(self.owner, limit=free, lease=cfg.lease_seconds):
                         self._spawn(job_id)
                     self._wake.clear()
@@ -140,6 +145,8 @@ class Daemon:
         log.info("daemon_stopped", owner=self.owner)
 
     def _spawn(self, job_id: str) -> None:
+        if job_id in self.tasks:  # already running here; never two runners on one job
+            return
         task = asyncio.create_task(self._run_one(job_id), name=f"job-{job_id[:8]}")
         self.tasks[job_id] = task
         task.add_done_callback(lambda _t: (self.tasks.pop(job_id, None), self._wake.set()))

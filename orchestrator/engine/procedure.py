@@ -70,6 +70,8 @@ async def create(rt: Runner, ctx: Context, name: StepName, ops: CreateStep) -> N
             if ops.validate is not None:
                 await ops.validate(rt.client, body)
             rt.checkpoint(ctx, name)  # last safe point before the create request
+            # Fencing: only a runner that still holds the lease may send a create.
+            await rt.store.renew(job.id, rt.owner, lease=rt.settings.lease_seconds)
             created = await ops.create(rt.client, job, body)
             await _done(rt, ctx, name, state, created, f"created {ops.kind} {created.id}")
             return

@@ -18,7 +18,7 @@ import structlog
 from orchestrator.config import Settings
 from orchestrator.domain import Job
 from orchestrator.engine.poller import SharedPoller
-from orchestrator.errors import FabricError, NeedsReconcileError
+from orchestrator.errors import FabricError, NeedsReconcileError, StaleTransition
 from orchestrator.fabric.client import FabricClient
 from orchestrator.machine import (
     TABLES,
@@ -67,6 +67,7 @@ class EngineSettings:
     teardown_timeout: float = 30 * 60.0
     attempts_per_step: tuple[tuple[str, int], ...] = ()
     max_runs: int = 10  # runs in a row without progress before a job is failed as poison
+    lease_seconds: float = 30.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EngineSettings:
@@ -75,7 +76,7 @@ class EngineSettings:
                    max_attempts=settings.retry.max_attempts, backoff_base=settings.retry.backoff_base,
                    backoff_cap=settings.retry.backoff_cap,
                    attempts_per_step=tuple(sorted(settings.retry.per_step.items())),
-                   max_runs=settings.daemon.max_recoveries)
+                   max_runs=settings.daemon.max_recoveries, lease_seconds=settings.daemon.lease_seconds)
 
     def attempts_for(self, step: StepName) -> int:
         """The retry limit of one step: its override, or ``max_attempts``."""
@@ -152,6 +153,10 @@ class Runner:
         try:
             with structlog.contextvars.bound_contextvars(job_id=job_id):
                 return await self._run(job, cancel)
+        except StaleTransition:
+            # Another daemon took the job over (our lease lapsed): it is theirs now; stop quietly.
+            log.warning("job_lease_lost", job_id=job_id)
+            return (await self.store.get(job_id)).state
         finally:
             self._cancels.pop(job_id, None)
 

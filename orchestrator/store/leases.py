@@ -15,6 +15,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from orchestrator.domain import Job
+from orchestrator.errors import StaleTransition
 from orchestrator.machine import STATE_TABLE_VERSION, JobState, StepState
 from orchestrator.spec import SPEC_VERSION
 from orchestrator.store.schema import jobs, steps
@@ -52,7 +53,10 @@ class LeaseMixin:
         runnable = or_(
             and_(jobs.c.state == JobState.PENDING,
                  or_(jobs.c.run_after.is_(None), jobs.c.run_after <= now)),
-            and_(jobs.c.state == JobState.RUNNING, jobs.c.lease_expires_at < now),
+            # Never our own jobs: their runners are alive here even if a lease lapsed (a starved
+            # heartbeat); taking them again would start a second runner on the same job.
+            and_(jobs.c.state == JobState.RUNNING, jobs.c.lease_expires_at < now,
+                 or_(jobs.c.lease_owner.is_(None), jobs.c.lease_owner != owner)),
         )
         # A job submitted under a newer spec format or state table waits for a daemon that knows it.
         known = and_(jobs.c.spec_version <= SPEC_VERSION, jobs.c.state_version <= STATE_TABLE_VERSION)
@@ -86,6 +90,20 @@ class LeaseMixin:
                   if src is JobState.RUNNING else f"claimed by {owner}")
         await self._event(conn, row.id, None, src, JobState.RUNNING, detail)
         return True
+
+    async def renew(self: JobStore, job_id: str, owner: str, *, lease: float) -> None:
+        """Extend one job's lease, or raise StaleTransition if ``owner`` no longer holds it.
+
+        Called right before a create request, so a runner that lost its lease never sends one.
+        """
+        now = self.clock()
+        async with self._writer.begin() as conn:
+            result = await conn.execute(
+                update(jobs).where(jobs.c.id == job_id, jobs.c.lease_owner == owner,
+                                   jobs.c.state == JobState.RUNNING)
+                .values(lease_expires_at=now + timedelta(seconds=lease)))
+        if result.rowcount != 1:
+            raise StaleTransition(f"job {job_id} is no longer held by {owner}")
 
     async def begin_run(self: JobStore, job_id: str, owner: str, *, max_runs: int) -> bool:
         """Count a run of the job starting; False (the job is not to be run) if it is a poison job.
@@ -144,9 +162,13 @@ class LeaseMixin:
                     await raw.remove_listener(NOTIFY_CHANNEL, callback)
 
     async def heartbeat(self: JobStore, owner: str, *, lease: float) -> int:
-        """Extend every lease ``owner`` holds, in one statement; returns how many."""
+        """Extend every lease ``owner`` holds, in one statement; returns how many.
+
+        It skips the queue of this process's writers: a heartbeat stuck behind thousands of step
+        transitions would let the leases lapse.
+        """
         now = self.clock()
-        async with self._write() as conn:
+        async with self._writer.begin() as conn:
             result = await conn.execute(
                 update(jobs)
                 .where(jobs.c.lease_owner == owner, jobs.c.state == JobState.RUNNING)

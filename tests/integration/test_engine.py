@@ -215,3 +215,26 @@ async def test_unknown_spec_code_and_base_model_fail_before_creating(store, emul
     job = await run_job(store, emulator.url, make_spec(dict(spec_data, workspace={"name": "otherws"}, model=model)))
     assert job.state is JobState.FAILED
     assert "unknown base_model_type GPT_99" in job.error["message"]
+
+
+async def test_runner_that_lost_its_lease_sends_no_create(store, emulator, spec_data):
+    job = await store.submit(make_spec(spec_data))
+    await store.claim_next("old", limit=1, lease=30)
+    async with FabricClient(emulator.url) as client:
+        old = Runner(store, client, owner="old", settings=FAST)
+        # The lease moves to another daemon between the intent and the create request.
+        real_find = old.client.find_workspaces
+
+        async def find_then_lose_lease(name):
+            found = await real_find(name)
+            async with store.engine.begin() as conn:
+                from sqlalchemy import update
+
+                from orchestrator.store.schema import jobs
+                await conn.execute(update(jobs).where(jobs.c.id == job.id).values(lease_owner="new"))
+            return found
+
+        old.client.find_workspaces = find_then_lose_lease  # type: ignore[method-assign]
+        await old.run(job.id)
+    assert (await stats(emulator.url))["created"]["workspace"] == {}
+    assert (await store.get(job.id)).lease_owner == "new"

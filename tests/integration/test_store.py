@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from sqlalchemy import update
 
 from orchestrator.machine import JobState, StepName, StepState
@@ -62,3 +64,23 @@ async def test_jobs_from_a_newer_fabricflow_wait_for_a_daemon_that_knows_them(st
         await conn.execute(update(jobs).where(jobs.c.id == job.id).values(state_version=99))
     assert await store.claim_next("old-daemon", limit=5, lease=30) == []
     assert (await store.get(job.id)).state is JobState.PENDING
+
+
+async def test_a_daemon_never_reclaims_its_own_lapsed_jobs(store, spec_data):
+    job = await store.submit(make_spec(spec_data))
+    assert await store.claim_next("me", limit=1, lease=0.01) == [job.id]
+    await asyncio.sleep(0.03)  # my heartbeat was starved; my runner is still alive
+    assert await store.claim_next("me", limit=1, lease=30) == []
+    assert await store.claim_next("other", limit=1, lease=30) == [job.id]
+
+
+async def test_renew_fences_a_runner_that_lost_its_lease(store, spec_data):
+    from orchestrator.errors import StaleTransition
+
+    job = await store.submit(make_spec(spec_data))
+    await store.claim_next("old", limit=1, lease=0.01)
+    await asyncio.sleep(0.03)
+    await store.claim_next("new", limit=1, lease=30)
+    await store.renew(job.id, "new", lease=30)
+    with pytest.raises(StaleTransition):
+        await store.renew(job.id, "old", lease=30)
