@@ -159,11 +159,10 @@ async def _run(settings: Settings, spec: Any) -> Any:
     try:
         async with fabric_target(settings) as target, client_for(settings, target) as client:
             await check_reused(client, spec)  # a missing reused resource: nothing is written
-            job = await store.submit(spec)
             owner = new_owner()
+            job = await store.submit(spec, owner=owner, lease=settings.daemon.lease_seconds)
             printer = ProgressPrinter()
             printer.line(f"job {job.id} ({job.name}) submitted to {db.describe(settings.db)}")
-            await store.claim(job.id, owner, lease=settings.daemon.lease_seconds)
             runner = Runner(store, client, owner=owner, settings=EngineSettings.from_settings(settings),
                             observer=printer)
             loop = asyncio.get_running_loop()
@@ -177,10 +176,14 @@ async def _run(settings: Settings, spec: Any) -> Any:
                 ticker.cancel()
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)
-            final = await store.get(job.id)
-            if state is JobState.PENDING:
+            if state is JobState.PENDING and target.embedded:
+                await store.cancel(job.id)  # its resources die with this process's emulator
+                printer.line(f"stopped; job {job.id[:8]} CANCELLED (the embedded emulator's resources "
+                             "end with this process, so nothing could finish it)")
+            elif state is JobState.PENDING:
                 printer.line(f"stopped; job {job.id[:8]} is PENDING: `fabricflow daemon` will finish it")
-            else:
+            final = await store.get(job.id)
+            if state is not JobState.PENDING:
                 error = f": {final.error['message']}" if final.error else ""
                 printer.line(f"job {job.id[:8]} {final.state}{error}")
             return final

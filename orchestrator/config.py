@@ -46,6 +46,8 @@ class HttpSettings(_Section):
     connect_timeout: float = Field(default=10.0, gt=0)
     read_timeout: float = Field(default=60.0, gt=0)
     invoke_timeout: float = Field(default=300.0, gt=0)
+    # A create request's whole time; kept below daemon.lease_seconds (checked at start-up).
+    create_timeout: float = Field(default=20.0, gt=0)
 
 
 class PollSettings(_Section):
@@ -238,4 +240,8 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
             if "fabric_ep_url" not in overrides:
                 settings.fabric_ep_url = f"https://fabric-ep.{settings.region}.myhuaweicloud.com"
     settings.config_files = tuple(str(f) for f in files)
+    if settings.http.create_timeout >= settings.daemon.lease_seconds:
+        raise UserError(f"http.create_timeout ({settings.http.create_timeout:g}s) must be shorter than "
+                        f"daemon.lease_seconds ({settings.daemon.lease_seconds:g}s): a create still in the air "
+                        "when a lease lapses could be sent twice")
     return settings

@@ -63,5 +63,5 @@ def client_for(settings: Settings, target: Target) -> FabricClient:
         ep_url=target.ep_url,
         credentials=credentials(settings),
         timeouts=Timeouts(connect=settings.http.connect_timeout, read=settings.http.read_timeout,
-                          invoke=settings.http.invoke_timeout),
+                          invoke=settings.http.invoke_timeout, create=settings.http.create_timeout),
     )

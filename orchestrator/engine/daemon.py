@@ -14,6 +14,8 @@ from pathlib import Path
 
 import structlog
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 
 from orchestrator.config import DaemonSettings
 from orchestrator.engine.runner import Runner
@@ -27,6 +29,21 @@ log = structlog.get_logger(__name__)
 def new_owner() -> str:
     """A lease owner name a person can trace back to a process: host:pid:random."""
     return f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def is_dead(owner: str) -> bool:
+    """True when ``owner`` names a process of this machine that no longer exists."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname()[:32] or not pid_text.isdigit():
+        return False  # another machine's process: only its lease expiry tells
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # exists, owned by another user
+    return False
 
 
 @contextlib.contextmanager
@@ -73,7 +90,8 @@ async def heartbeat(store: JobStore, runner: Runner, settings: DaemonSettings) -
         while True:
             await asyncio.sleep(settings.heartbeat_seconds)
             try:
-                await store.heartbeat(owner, lease=settings.lease_seconds)
+                # Only the jobs this process really runs: a job whose runner is gone must lapse.
+                await store.heartbeat(owner, lease=settings.lease_seconds, job_ids=runner.active())
             except Exception as exc:  # a missed beat is survivable; the next one may succeed
                 log.warning("heartbeat_failed", error=type(exc).__name__)
 
@@ -126,21 +144,32 @@ class Daemon:
         with lock:
             async with heartbeat(self.store, self.runner, cfg), self.store.listen(self._wake.set):
                 if db.is_sqlite(self.url):
-                    # This process owns the file, so every RUNNING job was orphaned by a crash.
-                    for job_id in await self.store.reclaim_all(self.owner, lease=cfg.lease_seconds):
+                    # This process owns the file: a RUNNING job whose holder died (a crashed
+                    # daemon or `fabricflow run`) is resumed now, without waiting for its lease.
+                    for job_id in await self.store.reclaim_all(self.owner, lease=cfg.lease_seconds,
+                                                               is_dead=is_dead):
                         self._spawn(job_id)
                 log.info("daemon_started", owner=self.owner, database=db.describe(self.url))
                 if ready is not None:
                     ready.set()
+                failures = 0
                 while not self.runner.stop.is_set():
                     # Claim in batches: a flood of new jobs ramps up instead of queueing thousands
                     # of first transitions at once.
                     free = min(cfg.concurrency - len(self.tasks), CLAIM_BATCH)
-                    for job_id in await self.store.claim_next(self.owner, limit=free, lease=cfg.lease_seconds):
-                        self._spawn(job_id)
+                    pause = cfg.claim_interval
+                    try:
+                        for job_id in await self.store.claim_next(self.owner, limit=free, lease=cfg.lease_seconds):
+                            self._spawn(job_id)
+                        failures = 0
+                    except (DBAPIError, SQLAlchemyTimeoutError, OSError) as exc:
+                        # A locked file, a failover, a full pool: survivable; keep running jobs and retry.
+                        failures += 1
+                        pause = min(30.0, cfg.claim_interval * 2**failures)
+                        log.warning("claim_failed", error=type(exc).__name__, retry_in=round(pause, 1))
                     self._wake.clear()
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), timeout=cfg.claim_interval)
+                        await asyncio.wait_for(self._wake.wait(), timeout=pause)
                 await self._drain()
         log.info("daemon_stopped", owner=self.owner)
 

@@ -8,7 +8,7 @@ resumes from without a second create.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from orchestrator.domain import ownership_marker
@@ -148,14 +148,27 @@ async def wait(rt: Runner, ctx: Context, name: StepName, ops: PollStep) -> None:
     else:
         started = step.started_at or rt.store.clock()
     deadline = started + timedelta(seconds=timeout)
-    polls = 0
     key = (ops.kind, resource_id)
+    try:
+        await _poll_until_running(rt, ctx, name, ops, key, state=state, attempts=attempts, last=last,
+                                  started=started, deadline=deadline, initial=initial, cap=cap)
+    finally:
+        rt.poller.forget(key)  # the wait is over, whatever its outcome
+
+
+async def _poll_until_running(rt: Runner, ctx: Context, name: StepName, ops: PollStep, key: tuple[str, str], *,
+                              state: StepState, attempts: int, last: str | None, started: datetime,
+                              deadline: datetime, initial: float, cap: float) -> None:
+    job = ctx.job
+    resource_id = key[1]
+    polls = 0
     while True:
+        slept = False
         try:
             found = await rt.poller.read(key, lambda: ops.fetch(rt.client, job, resource_id))
             await rt.progressed(ctx)
+            attempts = 0  # the retry limit counts consecutive failed polls
             if ops.check(found, resource=ops.kind):
-                rt.poller.forget(key)
                 await rt.move(ctx, name, state, StepState.SUCCEEDED, f"{ops.kind} {resource_id} is RUNNING",
                               resource_status=found.status, error=None)
                 return
@@ -164,7 +177,8 @@ async def wait(rt: Runner, ctx: Context, name: StepName, ops: PollStep) -> None:
                               resource_status=found.status)
                 last = found.status
         except (RetryableError, NeedsReconcileError) as exc:
-            attempts = await rt.retry(ctx, name, state, attempts, exc, sleep=False)
+            attempts = await rt.retry(ctx, name, state, attempts, exc)  # waits out Retry-After too
+            slept = True
         except TerminalError as exc:
             await rt.fail(ctx, name, state, exc, resource_status=_status_of(exc, last))
         now = rt.store.clock()
@@ -173,6 +187,8 @@ async def wait(rt: Runner, ctx: Context, name: StepName, ops: PollStep) -> None:
             message = (f"timed out after {waited} waiting for {ops.kind} {resource_id} to be RUNNING; "
                        f"last status {last or 'unknown'}")
             await rt.fail(ctx, name, state, TerminalError(message, code="fabricflow.timeout"))
+        if slept:
+            continue
         polls += 1
         delay = backoff(polls, base=initial, cap=cap, rng=rt.rng)
         await rt.sleep(ctx, min(delay, max(0.0, (deadline - now).total_seconds()) + 0.01))

@@ -94,10 +94,11 @@ class Cancelled(Exception):
 class StepFailed(Exception):
     """A step failed for good; the job fails with ``error``."""
 
-    def __init__(self, step: StepName | None, error: dict[str, Any]) -> None:
+    def __init__(self, step: StepName | None, error: dict[str, Any], *, recorded: bool = False) -> None:
         super().__init__(error.get("message"))
         self.step = step
         self.error = error
+        self.recorded = recorded  # the job is already FAILED in the database
 
 
 @dataclass
@@ -136,6 +137,10 @@ class Runner:
         self.rng = rng or random.Random()
         self._cancels: dict[str, asyncio.Event] = {}
 
+    def active(self) -> list[str]:
+        """IDs of the jobs this runner is running right now."""
+        return list(self._cancels)
+
     def request_cancel(self, job_id: str) -> None:
         """Wake the job's runner: it ends CANCELLED at its next safe point."""
         event = self._cancels.get(job_id)
@@ -154,9 +159,15 @@ class Runner:
             with structlog.contextvars.bound_contextvars(job_id=job_id):
                 return await self._run(job, cancel)
         except StaleTransition:
+            current = await self.store.get(job_id)
+            if current.state is JobState.RUNNING and current.lease_owner == self.owner:
+                # A compare-and-set lost a race although the lease is still ours: hand the job back
+                # so that a runner starts afresh, rather than hold it with nobody running it.
+                await self.store.release(job_id, self.owner, detail="released after a conflicting write")
+                return JobState.PENDING
             # Another daemon took the job over (our lease lapsed): it is theirs now; stop quietly.
             log.warning("job_lease_lost", job_id=job_id)
-            return (await self.store.get(job_id)).state
+            return current.state
         finally:
             self._cancels.pop(job_id, None)
 
@@ -174,6 +185,10 @@ class Runner:
             order = tuple(row.name for row in TABLES[job.kind])
             while (name := next_step({n: s.state for n, s in ctx.job.steps.items()}, order)) is not None:
                 self.checkpoint(ctx, name)
+                failed_step = ctx.job.steps[name]
+                if failed_step.state is StepState.FAILED:  # written by an older fabricflow, or by hand
+                    raise StepFailed(name, failed_step.error or {"code": "fabricflow.failed", "message":
+                                     f"step {name} is FAILED", "request_id": None})
                 with structlog.contextvars.bound_contextvars(step=str(name)):
                     if job.kind is JobKind.CREATE:
                         await procedure.advance(self, ctx, name)
@@ -181,9 +196,10 @@ class Runner:
                         await teardown.advance(self, ctx, name)
                 ctx.job = await self.store.get(job.id)
         except StepFailed as failed:
-            where = f"step {failed.step} failed: " if failed.step else ""
-            await self.store.finish(job.id, self.owner, JobState.FAILED, error=failed.error,
-                                    detail=f"{where}{failed.error['message']}")
+            if not failed.recorded:
+                where = f"step {failed.step} failed: " if failed.step else ""
+                await self.store.finish(job.id, self.owner, JobState.FAILED, error=failed.error,
+                                        detail=f"{where}{failed.error['message']}")
             log.info("job_transitioned", to="FAILED", step=str(failed.step))
             return JobState.FAILED
         except Cancelled:
@@ -252,8 +268,9 @@ class Runner:
     async def fail(self, ctx: Context, name: StepName, state: StepState, exc: FabricError, **fields: Any) -> None:
         """The terminal edge: the step fails, and with it the job."""
         error = exc.as_dict()
-        await self.move(ctx, name, state, StepState.FAILED, exc.message, error=error, **fields)
-        raise StepFailed(name, error)
+        await self.move(ctx, name, state, StepState.FAILED, exc.message, error=error, fail_job=True, **fields)
+        log.info("job_transitioned", to="FAILED", step=str(name))
+        raise StepFailed(name, error, recorded=True)
 
     async def sleep(self, ctx: Context, seconds: float) -> None:
         """Sleep; wake early at this safe point to drain, cancel, or end a timed-out job."""

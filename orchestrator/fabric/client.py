@@ -70,11 +70,16 @@ class Credentials:
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Connect and read timeouts in seconds; invocations get their own total."""
+    """Connect and read timeouts in seconds; creates and invocations get their own totals.
+
+    A create's total must stay below the job lease: a create still in the air when another
+    daemon takes the job over could otherwise land after that daemon's look-up.
+    """
 
     connect: float = 10.0
     read: float = 60.0
     invoke: float = 300.0
+    create: float = 20.0
 
 
 class FabricClient:
@@ -334,8 +339,8 @@ class FabricClient:
     ) -> AsyncIterator[Page]:
         """Every page of a list call, in order, ``page_size`` (default `PAGE_LIMIT`) at a time.
 
-        ``key`` names the items in the answer (``workspaces``, ``endpoints``, ...). Stops at
-        an empty or short page, or once ``total`` items have been seen.
+        ``key`` names the items in the answer (``workspaces``, ``endpoints``, ...). Stops once
+        ``total`` items have been seen (or, without a total, at a short page), or at an empty one.
         """
         limit = page_size or PAGE_LIMIT
         if not 1 <= limit <= 100:
@@ -355,7 +360,9 @@ class FabricClient:
             page = Page(total=total if isinstance(total, int) else None, items=items)
             yield page
             offset += len(items)
-            if len(items) < limit or (page.total is not None and offset >= page.total):
+            # With a total, trust it (a gateway may cap pages below `limit`); without one, a short
+            # page is the last. An empty page always ends the listing.
+            if not items or (offset >= page.total if page.total is not None else len(items) < limit):
                 return
 
     async def list_all(
@@ -397,8 +404,11 @@ class FabricClient:
         self, method: str, base: str, path: str, *, kind: CallKind, what: str,
         query: Sequence[tuple[str, str]], body: dict[str, Any] | None,
     ) -> Any:
+        timeout = None
+        if kind == "create":
+            timeout = aiohttp.ClientTimeout(total=self.timeouts.create, sock_connect=self.timeouts.connect)
         try:
-            async with self._send(method, base, path, query=query, body=body) as resp:
+            async with self._send(method, base, path, query=query, body=body, timeout=timeout) as resp:
                 raw = await resp.read()
                 if resp.status >= 400:
                     raise classify(kind=kind, status=resp.status, body=raw, headers=resp.headers, what=what)

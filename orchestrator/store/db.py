@@ -12,7 +12,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import event, inspect
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DBAPIError, InvalidRequestError, NoSuchModuleError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from orchestrator.errors import UserError
@@ -52,6 +52,25 @@ def is_sqlite(url: str) -> bool:
 
 def create_engine(url: str) -> AsyncEngine:
     """An async engine with the settings fabricflow relies on for this backend."""
+    try:
+        return _create_engine(url)
+    except UserError:
+        raise
+    except (ValueError, OSError, ImportError, InvalidRequestError, NoSuchModuleError) as exc:
+        where = _safe(url)
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"--db {where}: cannot use this database: {reason} (fabricflow takes "
+                        "sqlite+aiosqlite:///FILE or postgresql+asyncpg://USER@HOST/DB URLs)") from None
+
+
+def _safe(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "(unparsable URL)"
+
+
+def _create_engine(url: str) -> AsyncEngine:
     try:
         parsed = make_url(url)
     except ArgumentError:

@@ -79,11 +79,18 @@ class JobStore(LeaseMixin):
 
     # --- submitting and reading -------------------------------------------------------------
 
-    async def submit(self, spec: JobSpec) -> Job:
-        """Insert a PENDING job with its steps, all PENDING."""
+    async def submit(self, spec: JobSpec, *, owner: str | None = None, lease: float = 30.0) -> Job:
+        """Insert a job with its steps, all PENDING; the job PENDING, or already RUNNING under
+        ``owner`` (``fabricflow run``: no moment in which a daemon could claim it first)."""
         async with self._write() as conn:
             job_id = await self._insert(conn, name=spec.name, kind=JobKind.CREATE,
                                         spec=spec.model_dump(mode="json"), detail=f"submitted {spec.name!r}")
+            if owner is not None:
+                now = self.clock()
+                await conn.execute(update(jobs).where(jobs.c.id == job_id).values(
+                    state=JobState.RUNNING, lease_owner=owner, started_at=now,
+                    lease_expires_at=now + timedelta(seconds=lease)))
+                await self._event(conn, job_id, None, JobState.PENDING, JobState.RUNNING, f"claimed by {owner}")
         return await self.get(job_id)
 
     async def submit_teardown(self, parent_id: str) -> Job:
@@ -159,6 +166,14 @@ class JobStore(LeaseMixin):
             src = JobState(row)
             if src not in (JobState.FAILED, JobState.CANCELLED):
                 raise UserError(f"job {job_id[:8]} is {src}; only FAILED or CANCELLED jobs can be retried")
+            teardowns = (await conn.execute(
+                select(jobs.c.id, jobs.c.state).where(jobs.c.parent_id == job_id, jobs.c.kind == JobKind.TEARDOWN,
+                                                      jobs.c.state != JobState.FAILED)
+            )).all()
+            if teardowns:
+                tid, tstate = teardowns[0]
+                raise UserError(f"job {job_id[:8]} has a teardown ({tid[:8]}, {tstate}) that deletes or has "
+                                "deleted its resources; submit a new job instead of retrying this one")
             failed = (await conn.execute(
                 select(steps.c.name).where(steps.c.job_id == job_id, steps.c.state == StepState.FAILED)
             )).scalars().all()
@@ -290,11 +305,13 @@ class JobStore(LeaseMixin):
 
     async def move_step(
         self, job_id: str, owner: str, name: StepName, *, expected: StepState, to: StepState,
-        detail: str, job_result: dict[str, Any] | None = None, **fields: Any,
+        detail: str, job_result: dict[str, Any] | None = None, fail_job: bool = False, **fields: Any,
     ) -> None:
         """Compare-and-set one step from ``expected`` to ``to`` and log it, under the lease.
 
-        ``job_result`` is stored on the job in the same transaction (the invocation's reply).
+        ``job_result`` is stored on the job in the same transaction (the invocation's reply);
+        ``fail_job`` ends the job FAILED with the step's error in the same transaction too, so a
+        crash can never leave a RUNNING job behind a FAILED step.
         """
         check_step_edge(expected, to)
         now = self.clock()
@@ -317,8 +334,15 @@ class JobStore(LeaseMixin):
             job_values: dict[str, Any] = {"updated_at": now, "recoveries": 0}
             if job_result is not None:
                 job_values["result"] = job_result
+            if fail_job:
+                check_job_edge(JobState.RUNNING, JobState.FAILED)
+                job_values.update(state=JobState.FAILED, error=fields.get("error"), lease_owner=None,
+                                  lease_expires_at=None, finished_at=now)
             await conn.execute(update(jobs).where(jobs.c.id == job_id).values(**job_values))
             await self._event(conn, job_id, name, expected, to, detail)
+            if fail_job:
+                await self._event(conn, job_id, None, JobState.RUNNING, JobState.FAILED,
+                                  f"step {name} failed: {detail}")
 
     async def note(self, job_id: str, detail: str, *, step: StepName | None = None) -> None:
         """Log an event that changes no state (a retry, a poll result worth keeping)."""

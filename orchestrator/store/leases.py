@@ -7,7 +7,7 @@ it is the part that differs between one SQLite daemon and many PostgreSQL ones.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -68,13 +68,25 @@ class LeaseMixin:
             return [row.id for row in (await conn.execute(query)).all()
                     if await self._take(conn, row, owner, now, lease)]
 
-    async def reclaim_all(self: JobStore, owner: str, *, lease: float) -> list[str]:
-        """Take every RUNNING job whatever its lease (SQLite start-up: one daemon per file)."""
+    async def reclaim_all(
+        self: JobStore, owner: str, *, lease: float, is_dead: Callable[[str], bool]
+    ) -> list[str]:
+        """Take every RUNNING job whose holder is gone: its lease expired, or ``is_dead(owner)``.
+
+        SQLite start-up: the previous daemon's process is known dead at once (same machine), so
+        recovery does not wait for its leases to expire; a live ``fabricflow run`` keeps its job.
+        """
         now = self.clock()
         query = select(jobs.c.id, jobs.c.state, jobs.c.lease_owner).where(jobs.c.state == JobState.RUNNING)
         async with self._write() as conn:
             return [row.id for row in (await conn.execute(query)).all()
-                    if await self._take(conn, row, owner, now, lease)]
+                    if (row.lease_owner is None or row.lease_owner == owner or is_dead(row.lease_owner)
+                        or await self._expired(conn, row.id, now))
+                    and await self._take(conn, row, owner, now, lease)]
+
+    async def _expired(self: JobStore, conn: AsyncConnection, job_id: str, now: datetime) -> bool:
+        expires = (await conn.execute(select(jobs.c.lease_expires_at).where(jobs.c.id == job_id))).scalar()
+        return expires is None or expires < now
 
     async def _take(self: JobStore, conn: AsyncConnection, row: Any, owner: str, now: datetime, lease: float) -> bool:
         src = JobState(row.state)
@@ -161,13 +173,25 @@ class LeaseMixin:
                 with contextlib.suppress(Exception):
                     await raw.remove_listener(NOTIFY_CHANNEL, callback)
 
-    async def heartbeat(self: JobStore, owner: str, *, lease: float) -> int:
-        """Extend every lease ``owner`` holds, in one statement; returns how many.
+    async def heartbeat(self: JobStore, owner: str, *, lease: float, job_ids: Iterable[str] | None = None) -> int:
+        """Extend the leases ``owner`` holds (only ``job_ids``, when given: the jobs it really runs),
+        in one statement per 500 jobs; returns how many.
 
         It skips the queue of this process's writers: a heartbeat stuck behind thousands of step
         transitions would let the leases lapse.
         """
         now = self.clock()
+        if job_ids is not None:
+            ids = list(job_ids)
+            renewed = 0
+            for start in range(0, len(ids), 500):
+                async with self._writer.begin() as conn:
+                    result = await conn.execute(
+                        update(jobs).where(jobs.c.lease_owner == owner, jobs.c.state == JobState.RUNNING,
+                                           jobs.c.id.in_(ids[start:start + 500]))
+                        .values(lease_expires_at=now + timedelta(seconds=lease)))
+                renewed += result.rowcount
+            return renewed
         async with self._writer.begin() as conn:
             result = await conn.execute(
                 update(jobs)

@@ -28,6 +28,7 @@ def env(**extra: str) -> dict[str, str]:
         "FABRICFLOW_DAEMON__CLAIM_INTERVAL": "0.1",
         "FABRICFLOW_DAEMON__HEARTBEAT_SECONDS": "1",
         "FABRICFLOW_DAEMON__LEASE_SECONDS": "5",
+        "FABRICFLOW_HTTP__CREATE_TIMEOUT": "3",
         "PYTHONUNBUFFERED": "1",
     })
     base.update(extra)

@@ -82,3 +82,26 @@ def test_secrets_never_leak(tmp_path: Path, auth: str):
             assert secret.encode() not in stored
     finally:
         emulator.stop()
+
+
+def test_daemon_starting_beside_a_live_run_leaves_its_job_alone(tmp_path: Path):
+    emulator = Emulator("--ready-after", "3", "--instance-ready-after", "0.2", log=tmp_path / "e.log")
+    try:
+        db = tmp_path / "jobs.db"
+        url = f"sqlite+aiosqlite:///{db}"
+        run = subprocess.Popen([*FABRICFLOW, "run", str(QUICKSTART), "--db", url, "--fabric-url", emulator.url,
+                                "--json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env())
+        wait_for("the run to wait for its endpoint", lambda: query(
+            db, "SELECT count(*) FROM steps WHERE name='endpoint_ready' AND state='WAITING'")[0][0] == 1)
+        daemon = Daemon(url, emulator.url, tmp_path / "d.log")
+        try:
+            out, _ = run.communicate(timeout=60)
+        finally:
+            assert daemon.terminate() == 0
+        assert run.returncode == 0
+        assert json.loads(out)["state"] == "SUCCEEDED"
+        details = [d for (d,) in query(db, "SELECT detail FROM events")]
+        assert not any(d.startswith("recovered by") for d in details)
+        assert all(sum(v.values()) == 1 for v in emulator.stats()["created"].values())
+    finally:
+        emulator.stop()

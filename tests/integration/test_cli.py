@@ -184,3 +184,19 @@ def test_events_follow_ends_with_the_job(cli):
     assert followed.exit_code == 0
     lines = [json.loads(line) for line in followed.stdout.splitlines()]
     assert lines[0]["to"] == "PENDING" and lines[-1]["to"] == "SUCCEEDED"
+
+
+@pytest.mark.parametrize("url", ["postgresql://u:pw@127.0.0.1:notaport/db", "sqlite+pysqlite:///x.db",
+                                 "postgresql+psycopg2://u@127.0.0.1/x", "not a url"])
+def test_bad_database_urls_are_one_line_exit_2(url):
+    result = CliRunner().invoke(main, ["list", "--db", url])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: --db")
+    assert "Traceback" not in result.output and "pw" not in result.stderr
+
+
+def test_create_timeout_must_stay_below_the_lease(cli, monkeypatch):
+    monkeypatch.setenv("FABRICFLOW_HTTP__CREATE_TIMEOUT", "40")
+    result = cli("list")
+    assert result.exit_code == 2
+    assert "must be shorter than daemon.lease_seconds" in result.stderr

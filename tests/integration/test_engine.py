@@ -238,3 +238,28 @@ async def test_runner_that_lost_its_lease_sends_no_create(store, emulator, spec_
         await old.run(job.id)
     assert (await stats(emulator.url))["created"]["workspace"] == {}
     assert (await store.get(job.id)).lease_owner == "new"
+
+
+async def test_running_job_behind_a_failed_step_ends_failed_without_acting(store, emulator, spec_data):
+    """A crash between failing a step and failing its job (an older fabricflow) resolves cleanly."""
+    job = await store.submit(make_spec(spec_data), owner=OWNER, lease=30)
+    async with store.engine.begin() as conn:
+        from sqlalchemy import update
+
+        from orchestrator.store.schema import steps
+        await conn.execute(update(steps).where(steps.c.job_id == job.id, steps.c.name == "workspace").values(
+            state="FAILED", error={"code": "X.1", "message": "boom", "request_id": None}))
+    async with FabricClient(emulator.url) as client:
+        state = await Runner(store, client, owner=OWNER, settings=FAST).run(job.id)
+    assert state is JobState.FAILED
+    assert (await store.get(job.id)).error["code"] == "X.1"
+    assert (await stats(emulator.url))["requests"] == 0
+
+
+async def test_a_failed_step_fails_its_job_in_the_same_transaction(store, emulator_factory, spec_data):
+    emu = await emulator_factory(ready_after=0.1, instance_ready_after=0.1, create_fail="apie_test")
+    job = await run_job(store, emu.url, make_spec(spec_data))
+    edges = [(e.id, e.step, e.to_state, e.at) for e in await store.events(job.id)]
+    step_failed = next(e for e in edges if e[1] == "endpoint_ready" and e[2] == "FAILED")
+    job_failed = next(e for e in edges if e[1] is None and e[2] == "FAILED")
+    assert job_failed[0] == step_failed[0] + 1  # written together, in one commit

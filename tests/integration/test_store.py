@@ -43,8 +43,8 @@ async def test_progress_resets_the_poison_count_and_in_flight_steps_are_named(st
 async def test_reclaim_all_takes_every_running_job_at_start_up(store, spec_data):
     a = await store.submit(make_spec(spec_data, name="a"))
     b = await store.submit(make_spec(spec_data, name="b"))
-    await store.claim_next("dead", limit=2, lease=3600)  # leases far from expiry
-    assert sorted(await store.reclaim_all("fresh", lease=30)) == sorted([a.id, b.id])
+    await store.claim_next("dead", limit=2, lease=3600)  # leases far from expiry, holder gone
+    assert sorted(await store.reclaim_all("fresh", lease=30, is_dead=lambda o: o == "dead")) == sorted([a.id, b.id])
     assert {(await store.get(j.id)).lease_owner for j in (a, b)} == {"fresh"}
     assert "recovered by fresh (previous owner dead)" in (await store.events(a.id))[-1].detail
 
@@ -84,3 +84,27 @@ async def test_renew_fences_a_runner_that_lost_its_lease(store, spec_data):
     await store.renew(job.id, "new", lease=30)
     with pytest.raises(StaleTransition):
         await store.renew(job.id, "old", lease=30)
+
+
+async def test_reclaim_all_leaves_a_live_holders_job_alone(store, spec_data):
+    """A `fabricflow run` holding a job while a daemon starts on the same file keeps it."""
+    job = await store.submit(make_spec(spec_data), owner="live-run", lease=30)
+    assert await store.reclaim_all("daemon", lease=30, is_dead=lambda o: False) == []
+    assert (await store.get(job.id)).lease_owner == "live-run"
+
+
+async def test_heartbeat_renews_only_the_jobs_being_run(store, spec_data):
+    running = await store.submit(make_spec(spec_data, name="running"), owner="me", lease=1)
+    orphan = await store.submit(make_spec(spec_data, name="orphan"), owner="me", lease=1)
+    assert await store.heartbeat("me", lease=600, job_ids=[running.id]) == 1
+    assert (await store.get(running.id)).lease_expires_at > (await store.get(orphan.id)).lease_expires_at
+
+
+async def test_retry_is_refused_once_a_teardown_exists(store, spec_data):
+    from orchestrator.errors import UserError
+
+    job = await store.submit(make_spec(spec_data))
+    await store.cancel(job.id)
+    await store.submit_teardown(job.id)
+    with pytest.raises(UserError, match="has a teardown"):
+        await store.retry(job.id)
