@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING
 
 from orchestrator.domain import ownership_marker
 from orchestrator.engine.steps import CREATE_STEPS, POLL_STEPS, CreateStep, Found, PollStep, invocation_body
-from orchestrator.errors import FabricError, NeedsReconcileError, NotFoundError, RetryableError, TerminalError
+from orchestrator.errors import (
+    FabricError,
+    NeedsReconcileError,
+    NotFoundError,
+    RetryableError,
+    StaleTransition,
+    TerminalError,
+)
 from orchestrator.fabric.client import FabricClient
 from orchestrator.spec import JobSpec, Reuse
 from orchestrator.machine import ROWS, Action, StepName, StepState, backoff
@@ -73,7 +80,13 @@ async def create(rt: Runner, ctx: Context, name: StepName, ops: CreateStep) -> N
             # Fencing: only a runner that still holds the lease may send a create.
             await rt.store.renew(job.id, rt.owner, lease=rt.settings.lease_seconds)
             created = await ops.create(rt.client, job, body)
-            await _done(rt, ctx, name, state, created, f"created {ops.kind} {created.id}")
+            try:
+                await _done(rt, ctx, name, state, created, f"created {ops.kind} {created.id}")
+            except StaleTransition:
+                # Not ours to record any more; leave a trace (the new owner adopts it by marker).
+                await rt.store.note(job.id, f"created {ops.kind} {created.id} after the lease was lost",
+                                    step=name)
+                raise
             return
         except (RetryableError, NeedsReconcileError) as exc:
             attempts = await rt.retry(ctx, name, state, attempts, exc)

@@ -123,17 +123,18 @@ async def _targets(rt: Runner, parent: Job, name: StepName) -> tuple[str, list[s
     if pstep.state is StepState.SKIPPED:
         how = "adopted by request" if pstep.extra.get("adopted") else "reused"
         return f"{name} {pstep.resource_id} was {how}, not created by the job: kept", []
-    if pstep.resource_id:
-        return "", [pstep.resource_id]
+    recorded = [pstep.resource_id] if pstep.resource_id else []
     if pstep.request_name is None:
-        return f"the job never created a {name}: nothing to delete", []
+        return f"the job never created a {name}: nothing to delete", recorded
     if name is not StepName.WORKSPACE and parent.resource_id(StepName.WORKSPACE) is None:
-        return f"the job has no workspace: no {name} to delete", []
-    # The create's outcome was never recorded: find what the parent made, by name and marker.
+        return f"the job has no workspace: no {name} to delete", recorded
+    # Also look by name and marker: a create whose answer was never recorded (a step left
+    # IN_FLIGHT, a runner that lost its lease) still left a resource that is the job's.
     marker = ownership_marker(parent.id)
     found = await CREATE_STEPS[name].find(rt.client, parent, pstep.request_name)
     ours = [f.id for f in found if marker in (f.description or "")]
-    return (f"no {name} named {pstep.request_name!r} carries the job's marker: nothing to delete", ours)
+    targets = list(dict.fromkeys(recorded + ours))
+    return (f"no {name} named {pstep.request_name!r} carries the job's marker: nothing to delete", targets)
 
 
 async def _delete(client: FabricClient, ops: DeleteStep, workspace_id: str, target: str) -> None:

@@ -128,3 +128,19 @@ async def test_whole_job_timeout(store, emulator_factory, spec_data):
     job = await run_job(store, emu.url, make_spec(spec_data, timeouts={"job": "0.5s"}))
     assert job.state is JobState.FAILED
     assert job.error["code"] == "fabricflow.job_timeout"
+
+
+async def test_teardown_also_finds_unrecorded_resources_by_name_and_marker(store, emulator, spec_data):
+    from orchestrator.domain import ownership_marker
+
+    job = await run_job(store, emulator.url, make_spec(spec_data))
+    ws = job.resource_id(StepName.WORKSPACE)
+    async with aiohttp.ClientSession() as session:  # e.g. left by a runner that lost its lease
+        body = {"name": "apie_test", "type": "inference", "description": f"x {ownership_marker(job.id)}"}
+        extra = (await (await session.post(f"{emulator.url}/v1/workspaces/{ws}/endpoints", json=body)).json())["id"]
+
+    teardown = await run_teardown(store, emulator.url, job.id)
+
+    assert teardown.state is JobState.SUCCEEDED, teardown.error
+    assert extra in teardown.steps[StepName.ENDPOINT].extra["targets"]
+    assert (await stats(emulator.url))["live"] == {"workspace": 0, "endpoint": 0, "model": 0, "service_instance": 0}
