@@ -159,7 +159,8 @@ class Daemon:
                     free = min(cfg.concurrency - len(self.tasks), CLAIM_BATCH)
                     pause = cfg.claim_interval
                     try:
-                        for job_id in await self.store.claim_next(self.owner, limit=free, lease=cfg.lease_seconds):
+                        for job_id in await self.store.claim_next(self.owner, limit=free, lease=cfg.lease_seconds,
+                                                                  running=set(self.tasks)):
                             self._spawn(job_id)
                         failures = 0
                     except (DBAPIError, SQLAlchemyTimeoutError, OSError) as exc:

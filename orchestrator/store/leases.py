@@ -7,7 +7,7 @@ it is the part that differs between one SQLite daemon and many PostgreSQL ones.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -45,28 +45,37 @@ class LeaseMixin:
             await self._event(conn, job_id, None, JobState.PENDING, JobState.RUNNING, f"claimed by {owner}")
         return await self.get(job_id)
 
-    async def claim_next(self: JobStore, owner: str, *, limit: int, lease: float) -> list[str]:
-        """Claim up to ``limit`` runnable jobs: PENDING ones and RUNNING ones whose lease expired."""
+    async def claim_next(
+        self: JobStore, owner: str, *, limit: int, lease: float, running: Collection[str] = ()
+    ) -> list[str]:
+        """Claim up to ``limit`` runnable jobs: PENDING ones and RUNNING ones whose lease expired.
+
+        ``running`` are the jobs the caller is running right now: never claimed again, even if
+        their lease lapsed (that would start a second runner on the same job). Its other lapsed
+        jobs (a runner that died without handing its job back) are claimed like anyone's.
+        """
         if limit <= 0:
             return []
         now = self.clock()
         runnable = or_(
             and_(jobs.c.state == JobState.PENDING,
                  or_(jobs.c.run_after.is_(None), jobs.c.run_after <= now)),
-            # Never our own jobs: their runners are alive here even if a lease lapsed (a starved
-            # heartbeat); taking them again would start a second runner on the same job.
-            and_(jobs.c.state == JobState.RUNNING, jobs.c.lease_expires_at < now,
-                 or_(jobs.c.lease_owner.is_(None), jobs.c.lease_owner != owner)),
+            and_(jobs.c.state == JobState.RUNNING, jobs.c.lease_expires_at < now),
         )
         # A job submitted under a newer spec format or state table waits for a daemon that knows it.
         known = and_(jobs.c.spec_version <= SPEC_VERSION, jobs.c.state_version <= STATE_TABLE_VERSION)
         query = select(jobs.c.id, jobs.c.state, jobs.c.lease_owner).where(runnable, known)
-        query = query.order_by(jobs.c.created_at).limit(limit)
+        query = query.order_by(jobs.c.created_at).limit(limit + min(len(running), 1000))
         if self.engine.dialect.name == "postgresql":
             query = query.with_for_update(skip_locked=True)
+        claimed: list[str] = []
         async with self._write() as conn:
-            return [row.id for row in (await conn.execute(query)).all()
-                    if await self._take(conn, row, owner, now, lease)]
+            for row in (await conn.execute(query)).all():
+                if len(claimed) >= limit:
+                    break
+                if row.id not in running and await self._take(conn, row, owner, now, lease):
+                    claimed.append(row.id)
+        return claimed
 
     async def reclaim_all(
         self: JobStore, owner: str, *, lease: float, is_dead: Callable[[str], bool]
