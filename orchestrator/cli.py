@@ -262,9 +262,12 @@ async def _follow(store: JobStore, job_id: str, *, printer: bool) -> Any:
 
 @main.command()
 @click.option("--concurrency", type=click.IntRange(min=1), help="Jobs run at once (default 200).")
+@click.option("--metrics-port", type=click.IntRange(0, 65535),
+              help="Serve /healthz and /metrics (Prometheus) on this port (0: a free one).")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address for --metrics-port.")
 @global_options
 @click.pass_context
-def daemon(ctx: click.Context, concurrency: int | None) -> None:
+def daemon(ctx: click.Context, concurrency: int | None, metrics_port: int | None, metrics_host: str) -> None:
     """Run submitted jobs until SIGTERM or Ctrl-C, then drain and exit 0.
 
     On SQLite one daemon owns a database file and, at start-up, resumes every job a crashed
@@ -276,14 +279,20 @@ def daemon(ctx: click.Context, concurrency: int | None) -> None:
 
     async def go() -> None:
         from orchestrator.engine.daemon import Daemon, new_owner
+        from orchestrator.engine.health import DaemonMetrics
         from orchestrator.engine.runner import EngineSettings, Runner
         from orchestrator.wiring import client_for, fabric_target
 
         store = await _open(settings)
         try:
             async with fabric_target(settings) as target, client_for(settings, target) as client:
-                runner = Runner(store, client, owner=new_owner(), settings=EngineSettings.from_settings(settings))
-                d = Daemon(store, runner, settings.daemon, url=settings.db)
+                metrics = DaemonMetrics()
+                runner = Runner(store, client, owner=new_owner(), settings=EngineSettings.from_settings(settings),
+                                observer=metrics)
+                d = Daemon(store, runner, settings.daemon, url=settings.db, metrics=metrics,
+                           metrics_address=None if metrics_port is None else (metrics_host, metrics_port),
+                           on_metrics_ready=lambda url: click.echo(f"health and metrics on {url}/healthz, "
+                                                                   f"{url}/metrics", err=True))
                 click.echo(f"fabricflow daemon {runner.owner} on {db.describe(settings.db)}", err=True)
                 await d.run()
         finally:

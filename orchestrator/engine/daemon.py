@@ -9,7 +9,7 @@ import os
 import signal
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import structlog
@@ -18,6 +18,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 
 from orchestrator.config import DaemonSettings
+from orchestrator.engine.health import DaemonMetrics, serving
 from orchestrator.engine.runner import Runner
 from orchestrator.errors import UserError
 from orchestrator.store import db
@@ -81,7 +82,8 @@ CANCEL_POLL_SECONDS = 1.0
 
 
 @contextlib.asynccontextmanager
-async def heartbeat(store: JobStore, runner: Runner, settings: DaemonSettings) -> AsyncIterator[None]:
+async def heartbeat(store: JobStore, runner: Runner, settings: DaemonSettings,
+                    on_beat: Callable[[bool], None] | None = None) -> AsyncIterator[None]:
     """While the block runs: renew every lease the runner's owner holds (one statement per
     beat), and pass cancellation requests written by the CLI on to the runner."""
     owner = runner.owner
@@ -94,6 +96,11 @@ async def heartbeat(store: JobStore, runner: Runner, settings: DaemonSettings) -
                 await store.heartbeat(owner, lease=settings.lease_seconds, job_ids=runner.active())
             except Exception as exc:  # a missed beat is survivable; the next one may succeed
                 log.warning("heartbeat_failed", error=type(exc).__name__)
+                if on_beat is not None:
+                    on_beat(False)
+            else:
+                if on_beat is not None:
+                    on_beat(True)
 
     async def watch_cancels() -> None:
         while True:
@@ -119,11 +126,16 @@ async def heartbeat(store: JobStore, runner: Runner, settings: DaemonSettings) -
 class Daemon:
     """Runs jobs until stopped by SIGTERM/SIGINT (or ``stop``)."""
 
-    def __init__(self, store: JobStore, runner: Runner, settings: DaemonSettings, *, url: str) -> None:
+    def __init__(self, store: JobStore, runner: Runner, settings: DaemonSettings, *, url: str,
+                 metrics: DaemonMetrics | None = None, metrics_address: tuple[str, int] | None = None,
+                 on_metrics_ready: Callable[[str], None] | None = None) -> None:
         self.store = store
         self.runner = runner
         self.settings = settings
         self.url = url
+        self.metrics = metrics or DaemonMetrics()
+        self.metrics_address = metrics_address
+        self.on_metrics_ready = on_metrics_ready
         self.owner = runner.owner
         self.tasks: dict[str, asyncio.Task[object]] = {}
         self._wake = asyncio.Event()
@@ -142,7 +154,14 @@ class Daemon:
         cfg = self.settings
         lock = sqlite_file_lock(self.url) if db.is_sqlite(self.url) else contextlib.nullcontext()
         with lock:
-            async with heartbeat(self.store, self.runner, cfg), self.store.listen(self._wake.set):
+            async with contextlib.AsyncExitStack() as stack:
+                await stack.enter_async_context(heartbeat(self.store, self.runner, cfg, self.metrics.beat))
+                await stack.enter_async_context(self.store.listen(self._wake.set))
+                if self.metrics_address is not None:
+                    host, port = self.metrics_address
+                    await stack.enter_async_context(serving(
+                        self.metrics, owner=self.owner, running=lambda: len(self.tasks),
+                        lease_seconds=cfg.lease_seconds, host=host, port=port, on_ready=self.on_metrics_ready))
                 if db.is_sqlite(self.url):
                     # This process owns the file: a RUNNING job whose holder died (a crashed
                     # daemon or `fabricflow run`) is resumed now, without waiting for its lease.

@@ -105,3 +105,35 @@ def test_daemon_starting_beside_a_live_run_leaves_its_job_alone(tmp_path: Path):
         assert all(sum(v.values()) == 1 for v in emulator.stats()["created"].values())
     finally:
         emulator.stop()
+
+
+def test_daemon_serves_health_and_metrics(tmp_path: Path):
+    import urllib.request
+
+    emulator = Emulator("--ready-after", "0.2", "--instance-ready-after", "0.2", log=tmp_path / "e.log")
+    try:
+        db = tmp_path / "jobs.db"
+        url = f"sqlite+aiosqlite:///{db}"
+        job_id = cli("submit", str(QUICKSTART), "--db", url).stdout.strip()
+        log = tmp_path / "d.log"
+        with open(log, "w") as err:
+            daemon = subprocess.Popen([*FABRICFLOW, "daemon", "--db", url, "--fabric-url", emulator.url,
+                                       "--metrics-port", "0"], stdout=subprocess.DEVNULL, stderr=err, env=env())
+        try:
+            line = wait_for("the metrics address", lambda: next(
+                (ln for ln in log.read_text().splitlines() if "health and metrics on" in ln), None))
+            base = line.split(" on ", 1)[1].split("/healthz")[0]
+            wait_for("the job to finish", lambda: query(
+                db, "SELECT state FROM jobs WHERE id=?", job_id)[0][0] == "SUCCEEDED", timeout=60)
+            with urllib.request.urlopen(f"{base}/healthz", timeout=5) as resp:
+                health = json.loads(resp.read())
+            with urllib.request.urlopen(f"{base}/metrics", timeout=5) as resp:
+                metrics = resp.read().decode()
+        finally:
+            daemon.send_signal(15)
+            assert daemon.wait(timeout=30) == 0
+        assert health["status"] == "ok" and health["jobs_running"] == 0
+        assert 'fabricflow_step_transitions_total{state="SUCCEEDED",step="invocation"} 1.0' in metrics
+        assert "fabricflow_jobs_running 0.0" in metrics
+    finally:
+        emulator.stop()
