@@ -19,7 +19,7 @@ from orchestrator.config import Settings, load_settings
 from orchestrator.errors import OrchestratorError, UserError
 from orchestrator.machine import JobState
 from orchestrator.render import ProgressPrinter, format_event, format_job, format_jobs
-from orchestrator.spec import load_spec
+from orchestrator.spec import Reuse, load_spec
 from orchestrator.store import db
 from orchestrator.store.jobs import JobStore
 
@@ -216,6 +216,13 @@ def submit(ctx: click.Context, spec_file: str, wait: bool, as_json: bool) -> Non
     spec = load_spec(spec_file)
 
     async def go() -> Any:
+        if not settings.is_embedded and _reuses(spec):
+            # A real (or separate) Fabric: check reused IDs now, before anything is written.
+            from orchestrator.engine.procedure import check_reused
+            from orchestrator.wiring import client_for, fabric_target
+
+            async with fabric_target(settings) as target, client_for(settings, target) as client:
+                await check_reused(client, spec)
         store = await _open(settings)
         try:
             job = await store.submit(spec)
@@ -238,6 +245,10 @@ def finish_submitted(ctx: click.Context, job: Any, *, as_json: bool, wait: bool)
         click.echo(job.id)
     if wait and job.state is not JobState.SUCCEEDED:
         ctx.exit(EXIT_FAILED)
+
+
+def _reuses(spec: Any) -> bool:
+    return any(isinstance(getattr(spec, key), Reuse) for key in ("workspace", "endpoint", "model"))
 
 
 async def _follow(store: JobStore, job_id: str, *, printer: bool) -> Any:
@@ -409,6 +420,7 @@ async def _with_store(settings: Settings, func: Callable[[JobStore], Awaitable[T
 @click.option("--max-clock-skew", type=float, default=900, show_default=True,
               help="Allowed X-Sdk-Date skew in seconds; 0 turns the check off.")
 @click.option("--state-file", type=click.Path(dir_okay=False), help="Keep resources across emulator restarts.")
+@global_options
 def emulator(host: str, port: int, ready_after: float, instance_ready_after: float,
              delete_after: float, cold_start: float, fail_rate: float,
              drop_rate: float, slow_rate: float, cut_rate: float, create_fail: str | None,
@@ -439,6 +451,7 @@ def emulator(host: str, port: int, ready_after: float, instance_ready_after: flo
 
 
 @main.group(cls=Group)
+@global_options
 def db_group() -> None:
     """Database schema commands."""
 
@@ -463,6 +476,7 @@ def upgrade(ctx: click.Context) -> None:
 
 
 @main.group(cls=Group, name="config")
+@global_options
 def config_group() -> None:
     """Configuration commands."""
 

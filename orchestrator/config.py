@@ -134,7 +134,6 @@ class Settings(BaseSettings):
             init_settings,
             env_settings,
             InitSettingsSource(settings_cls, _merged_toml(files)),
-            InitSettingsSource(settings_cls, _sdk_credentials_file()),
         )
 
     @property
@@ -157,6 +156,7 @@ class Settings(BaseSettings):
         for key in ("auth_token", "ak", "sk", "security_token"):
             data[key] = "********" if getattr(self, key) is not None else None
         data["config_files"] = list(self.config_files)
+        data["fabric_ep_url"] = self.ep_url  # the effective host, defaulted or not
         return data
 
 
@@ -240,6 +240,17 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
             if "fabric_ep_url" not in overrides:
                 settings.fabric_ep_url = f"https://fabric-ep.{settings.region}.myhuaweicloud.com"
     settings.config_files = tuple(str(f) for f in files)
+    if settings.ak is None and settings.sk is None and settings.auth_token is None:
+        # Like the official SDK: the credentials file only when nothing else names credentials,
+        # so a token in the environment is never overridden by keys from the file.
+        file_values = _sdk_credentials_file()
+        if file_values:
+            settings = settings.model_copy(update={
+                "ak": SecretStr(file_values["ak"]) if "ak" in file_values else None,
+                "sk": SecretStr(file_values["sk"]) if "sk" in file_values else None,
+                "project_id": settings.project_id or file_values.get("project_id"),
+                "security_token": SecretStr(file_values["security_token"]) if "security_token" in file_values else None,
+            })
     if settings.http.create_timeout >= settings.daemon.lease_seconds:
         raise UserError(f"http.create_timeout ({settings.http.create_timeout:g}s) must be shorter than "
                         f"daemon.lease_seconds ({settings.daemon.lease_seconds:g}s): a create still in the air "

@@ -131,7 +131,12 @@ async def _targets(rt: Runner, parent: Job, name: StepName) -> tuple[str, list[s
     # Also look by name and marker: a create whose answer was never recorded (a step left
     # IN_FLIGHT, a runner that lost its lease) still left a resource that is the job's.
     marker = ownership_marker(parent.id)
-    found = await CREATE_STEPS[name].find(rt.client, parent, pstep.request_name)
+    try:
+        found = await CREATE_STEPS[name].find(rt.client, parent, pstep.request_name)
+    except TerminalError as exc:
+        if exc.status != 404:
+            raise
+        found = []  # the workspace itself is gone, and everything that was in it
     ours = [f.id for f in found if marker in (f.description or "")]
     targets = list(dict.fromkeys(recorded + ours))
     return (f"no {name} named {pstep.request_name!r} carries the job's marker: nothing to delete", targets)

@@ -30,6 +30,8 @@ def env(**extra: str) -> dict[str, str]:
         "FABRICFLOW_DAEMON__LEASE_SECONDS": "5",
         "FABRICFLOW_HTTP__CREATE_TIMEOUT": "3",
         "PYTHONUNBUFFERED": "1",
+        # Never the developer's own ~/.huaweicloud/credentials.
+        "HUAWEICLOUD_SDK_CREDENTIALS_FILE": "/nonexistent/fabricflow-tests/credentials",
     })
     base.update(extra)
     return base

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -13,7 +14,8 @@ from tests.conftest import QUICKSTART
 from tests.crash.procs import FABRICFLOW, Daemon, Emulator, cli, env, query, wait_for
 
 
-def test_sigterm_drains_releases_and_resumes(tmp_path: Path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_drains_releases_and_resumes(tmp_path: Path, stop: int):
     emulator = Emulator("--ready-after", "3", "--instance-ready-after", "0.2", log=tmp_path / "e.log")
     try:
         db = tmp_path / "jobs.db"
@@ -23,7 +25,9 @@ def test_sigterm_drains_releases_and_resumes(tmp_path: Path):
         wait_for("the endpoint wait", lambda: query(
             db, "SELECT state FROM steps WHERE job_id=? AND name='endpoint_ready'", job_id)[0][0] == "WAITING")
         started = time.monotonic()
-        assert daemon.terminate(timeout=30) == 0
+        daemon.proc.send_signal(stop)
+        assert daemon.proc.wait(timeout=30) == 0
+        daemon.log_file.close()
         assert time.monotonic() - started < 10  # a sleeping wait stops at once
         assert query(db, "SELECT state, lease_owner FROM jobs WHERE id=?", job_id) == [("PENDING", None)]
         details = [d for (d,) in query(db, "SELECT detail FROM events WHERE job_id=?", job_id)]

@@ -108,3 +108,14 @@ def test_chat_keeps_the_conversation_and_stores_each_turn(tmp_path, emulator):
     assert len(rows) == 2
     second = json.loads(rows[1][0])["messages"]
     assert [m["role"] for m in second] == ["user", "assistant", "user"]
+
+
+def test_submit_checks_reused_ids_against_a_real_fabric_before_writing(tmp_path, emulator):
+    db = tmp_path / "jobs.db"
+    spec = tmp_path / "reuse.yaml"
+    spec.write_text(QUICKSTART.read_text().replace(
+        "workspace: {name: apieworkspace, description: apie test workspace}", "workspace: {id: " + "b" * 32 + "}"))
+    result = cli("submit", str(spec), "--db", f"sqlite+aiosqlite:///{db}", "--fabric-url", emulator.url, check=False)
+    assert result.returncode == 3
+    assert "(reused by the spec) does not exist" in result.stderr
+    assert not db.exists() or query(db, "SELECT count(*) FROM jobs") == [(0,)]

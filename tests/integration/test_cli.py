@@ -200,3 +200,12 @@ def test_create_timeout_must_stay_below_the_lease(cli, monkeypatch):
     result = cli("list")
     assert result.exit_code == 2
     assert "must be shorter than daemon.lease_seconds" in result.stderr
+
+
+def test_submit_json_and_list_name_filter(cli):
+    submitted = cli("submit", str(QUICKSTART), "--json")
+    assert submitted.exit_code == 0
+    job = json.loads(submitted.stdout)
+    assert job["state"] == "PENDING" and len(job["steps"]) == 7
+    assert [j["id"] for j in json.loads(cli("list", "--json", "--name", "quick").stdout)] == [job["id"]]
+    assert json.loads(cli("list", "--json", "--name", "nothing-like-it").stdout) == []

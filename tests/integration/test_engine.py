@@ -263,3 +263,35 @@ async def test_a_failed_step_fails_its_job_in_the_same_transaction(store, emulat
     step_failed = next(e for e in edges if e[1] == "endpoint_ready" and e[2] == "FAILED")
     job_failed = next(e for e in edges if e[1] is None and e[2] == "FAILED")
     assert job_failed[0] == step_failed[0] + 1  # written together, in one commit
+
+
+async def test_several_marked_matches_fail_naming_every_id(store, emulator, spec_data):
+    from orchestrator.domain import ownership_marker
+
+    ids = []
+    async with aiohttp.ClientSession() as session:
+        ws = (await (await session.post(f"{emulator.url}/v1/workspaces", json={"name": "otherws1"})).json())["id"]
+    job = await store.submit(make_spec(spec_data, workspace={"id": ws}), owner=OWNER, lease=30)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):  # e.g. made by hand with a copied description
+            body = {"name": "apie_test", "type": "inference", "description": f"copy {ownership_marker(job.id)}"}
+            resp = await session.post(f"{emulator.url}/v1/workspaces/{ws}/endpoints", json=body)
+            ids.append((await resp.json())["id"])
+    async with FabricClient(emulator.url) as client:
+        await Runner(store, client, owner=OWNER, settings=FAST).run(job.id)
+    job = await store.get(job.id)
+    assert job.state is JobState.FAILED and job.error["code"] == "fabricflow.duplicates"
+    assert all(i in job.error["message"] for i in ids)
+
+
+async def test_service_instances_and_invocations_go_to_the_ep_host(store, emulator_factory, spec_data):
+    fabric = await emulator_factory(ready_after=0.1, instance_ready_after=0.1)
+    ep_host = await emulator_factory(ready_after=0.1, instance_ready_after=0.1)
+    job = await store.submit(make_spec(spec_data), owner=OWNER, lease=30)
+    async with FabricClient(fabric.url, ep_url=ep_host.url) as client:
+        await Runner(store, client, owner=OWNER, settings=FAST).run(job.id)
+    job = await store.get(job.id)
+    # The second emulator knows no workspace: the instance call reached it and was refused.
+    assert job.steps[StepName.SERVICE_INSTANCE].state is StepState.FAILED
+    assert (await stats(ep_host.url))["requests"] >= 1
+    assert (await stats(fabric.url))["created"]["service_instance"] == {}

@@ -144,3 +144,10 @@ async def test_teardown_also_finds_unrecorded_resources_by_name_and_marker(store
     assert teardown.state is JobState.SUCCEEDED, teardown.error
     assert extra in teardown.steps[StepName.ENDPOINT].extra["targets"]
     assert (await stats(emulator.url))["live"] == {"workspace": 0, "endpoint": 0, "model": 0, "service_instance": 0}
+
+
+async def test_a_second_teardown_is_a_no_op(store, emulator, spec_data):
+    job = await run_job(store, emulator.url, make_spec(spec_data))
+    assert (await run_teardown(store, emulator.url, job.id)).state is JobState.SUCCEEDED
+    again = await run_teardown(store, emulator.url, job.id)  # everything, even the workspace, is gone
+    assert again.state is JobState.SUCCEEDED, again.error

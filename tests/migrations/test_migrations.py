@@ -98,3 +98,19 @@ def test_database_problems_are_one_plain_line(driver_message, said):
 
     exc = OperationalError("UPDATE jobs SET ...", {"secret": "params"}, sqlite3.OperationalError(driver_message))
     assert db.database_problem(exc) == said
+
+
+async def test_a_database_at_the_first_revision_is_upgraded_by_any_command(tmp_path: Path):
+    from alembic import command
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
+    engine = db.create_engine(url)
+    async with engine.connect() as conn:
+        await conn.run_sync(lambda sync: command.upgrade(db.alembic_config(sync), "0001"))
+        await conn.commit()
+    await engine.dispose()
+    store = await JobStore.open(url)  # as `fabricflow list` does
+    await store.close()
+    with sqlite3.connect(tmp_path / "old.db") as conn:
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone()[0] == db.head_revision()
+        assert "kind" in {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}

@@ -257,14 +257,23 @@ def test_sdk_credentials_file_in_home_by_default(clean_env, monkeypatch):
     assert s.ak is not None and s.ak.get_secret_value() == FILE_AK
 
 
-def test_environment_beats_credentials_file(tmp_path, monkeypatch):
+def test_environment_credentials_replace_the_file_whole(tmp_path, monkeypatch):
+    # Like the SDK's provider chain: environment credentials, or the file's; never a mix.
     _credentials(tmp_path, monkeypatch, CRED_FILE)
     monkeypatch.setenv("HUAWEICLOUD_SDK_AK", AK)
+    monkeypatch.setenv("HUAWEICLOUD_SDK_SK", "SKFROMENVIRONMENT")
     monkeypatch.setenv("HUAWEICLOUD_SDK_PROJECT_ID", "proj-env")
     s = load_settings()
     assert s.ak is not None and s.ak.get_secret_value() == AK
+    assert s.sk is not None and s.sk.get_secret_value() == "SKFROMENVIRONMENT"
     assert s.project_id == "proj-env"
-    assert s.sk is not None and s.sk.get_secret_value() == FILE_SK  # not in env: file's value
+
+
+def test_token_in_environment_is_not_overridden_by_file_keys(tmp_path, monkeypatch):
+    _credentials(tmp_path, monkeypatch, CRED_FILE)
+    monkeypatch.setenv("FABRICFLOW_AUTH_TOKEN", "TOKENFROMENV")
+    s = load_settings()
+    assert s.auth_token is not None and s.ak is None and s.sk is None
 
 
 def test_config_file_beats_credentials_file(tmp_path, monkeypatch):
