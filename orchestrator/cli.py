@@ -412,6 +412,7 @@ async def _with_store(settings: Settings, func: Callable[[JobStore], Awaitable[T
 @click.option("--slow-rate", type=click.FloatRange(0, 1), default=0.0, help="Share of requests delayed.")
 @click.option("--cut-rate", type=click.FloatRange(0, 1), default=0.0, help="Share of streams cut mid-way.")
 @click.option("--create-fail", metavar="REGEX", help="Endpoints whose name matches end in CREATE_FAILED.")
+@click.option("--instance-fail", metavar="REGEX", help="Service instances whose name matches end in FAILED.")
 @click.option("--seed", type=int, help="Seed for every random fault decision (reproducible runs).")
 @click.option("--auth", type=click.Choice(["none", "token", "aksk"]), default="none", show_default=True)
 @click.option("--token", help="The accepted X-Auth-Token with --auth token.")
@@ -424,6 +425,7 @@ async def _with_store(settings: Settings, func: Callable[[JobStore], Awaitable[T
 def emulator(host: str, port: int, ready_after: float, instance_ready_after: float,
              delete_after: float, cold_start: float, fail_rate: float,
              drop_rate: float, slow_rate: float, cut_rate: float, create_fail: str | None,
+             instance_fail: str | None,
              seed: int | None, auth: str, token: str | None, ak: str | None, sk: str | None,
              max_clock_skew: float, state_file: str | None) -> None:
     """Serve the local Fabric API emulator (both hosts on one port) until Ctrl-C.
@@ -438,6 +440,7 @@ def emulator(host: str, port: int, ready_after: float, instance_ready_after: flo
             ready_after=ready_after, instance_ready_after=instance_ready_after, delete_after=delete_after,
             cold_start=cold_start, fail_rate=fail_rate,
             drop_rate=drop_rate, slow_rate=slow_rate, cut_rate=cut_rate, create_fail=create_fail,
+            instance_fail=instance_fail,
             seed=seed, auth=auth, token=token, ak=ak, sk=sk,  # type: ignore[arg-type]
             max_clock_skew=max_clock_skew, state_file=state_file,
         )

@@ -27,6 +27,8 @@ class EmulatorConfig:
     """Share of API requests answered with a transient 429/500/502/503/504, doing nothing."""
     drop_rate: float = 0.0
     """Share of create requests whose resource is created but whose connection is closed."""
+    instance_fail: str | None = None
+    """Regex; service instances whose name matches (re.search) end in FAILED."""
     create_fail: str | None = None
     """Regex; endpoints whose name matches (re.search) end in CREATE_FAILED."""
     seed: int | None = None
@@ -64,5 +66,6 @@ class EmulatorConfig:
             raise ValueError("auth='token' needs a token")
         if self.auth == "aksk" and not (self.ak and self.sk):
             raise ValueError("auth='aksk' needs ak and sk")
-        if self.create_fail is not None:
-            re.compile(self.create_fail)  # a bad pattern should fail at start, not per request
+        for pattern in (self.create_fail, self.instance_fail):
+            if pattern is not None:
+                re.compile(pattern)  # a bad pattern should fail at start, not per request

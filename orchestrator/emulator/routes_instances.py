@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 from typing import Any
 
 from aiohttp import web
 
 from . import views
 from .common import child_of, empty, ok, store_of, workspace_of
-from .errors import invalid, not_found, wrong_state
+from .errors import INSTANCE_FAILED, invalid, not_found, wrong_state
+from .keys import CONFIG
 from .resources import Resource, Store, field_matches, name_matches, paginate
 from .validation import json_body, min_max, obj, plain_description, resource_name, text
 
@@ -69,7 +72,12 @@ async def create_instance(request: web.Request) -> web.Response:
     endpoint = _endpoint(store, ws, body)
     fields = {"description": description, "source": source, "endpoint_id": endpoint.id,
               "config": _config(body, endpoint)}
-    res = store.add("service_instance", name, ws.id, fields)
+    pattern = request.app[CONFIG].instance_fail
+    failure = None
+    if pattern is not None and re.search(pattern, name):
+        failure = (INSTANCE_FAILED, f"Failed to deploy service instance {name}: model load error "
+                   "(injected by the emulator's instance_fail)")
+    res = store.add("service_instance", name, ws.id, fields, failure=failure)
     return ok({"id": res.id})
 
 

@@ -119,3 +119,20 @@ def test_submit_checks_reused_ids_against_a_real_fabric_before_writing(tmp_path,
     assert result.returncode == 3
     assert "(reused by the spec) does not exist" in result.stderr
     assert not db.exists() or query(db, "SELECT count(*) FROM jobs") == [(0,)]
+
+
+def test_submit_wait_and_teardown_wait_with_a_daemon(tmp_path, emulator):
+    db = tmp_path / "jobs.db"
+    url = f"sqlite+aiosqlite:///{db}"
+    cli("db", "upgrade", "--db", url)
+    daemon = Daemon(url, emulator.url, tmp_path / "d.log")
+    try:
+        done = cli("submit", str(QUICKSTART), "--db", url, "--wait", "--json")
+        job = json.loads(done.stdout)
+        assert job["state"] == "SUCCEEDED" and job["result"]["reply"]
+        gone = cli("teardown", job["id"], "--db", url, "--wait", "--json")
+        teardown = json.loads(gone.stdout)
+        assert teardown["state"] == "SUCCEEDED" and teardown["parent_id"] == job["id"]
+    finally:
+        assert daemon.terminate() == 0
+    assert emulator.stats()["live"] == {"workspace": 0, "endpoint": 0, "model": 0, "service_instance": 0}

@@ -295,3 +295,15 @@ async def test_service_instances_and_invocations_go_to_the_ep_host(store, emulat
     assert job.steps[StepName.SERVICE_INSTANCE].state is StepState.FAILED
     assert (await stats(ep_host.url))["requests"] >= 1
     assert (await stats(fabric.url))["created"]["service_instance"] == {}
+
+
+async def test_failed_service_instance_fails_job_with_fabric_error(store, emulator_factory, spec_data):
+    emu = await emulator_factory(ready_after=0.1, instance_ready_after=0.1, instance_fail="serviceInstance")
+    job = await run_job(store, emu.url, make_spec(spec_data))
+
+    assert job.state is JobState.FAILED
+    step = job.steps[StepName.SERVICE_READY]
+    assert (step.state, step.resource_status) == (StepState.FAILED, "FAILED")
+    assert job.error["code"] == "FABRIC.4002"
+    assert "model load error" in job.error["message"]
+    assert job.steps[StepName.INVOCATION].state is StepState.PENDING
