@@ -61,6 +61,12 @@ class Reuse(_Strict):
     id: str = Field(pattern=_ID)
 
 
+class ModelReuse(Reuse):
+    """Reuse an existing model, optionally pinning one of its versions (default: its current one)."""
+
+    version_id: str | None = Field(default=None, pattern=_ID)
+
+
 class WorkspaceSpec(_Strict):
     """CreateWorkspace body."""
 
@@ -167,9 +173,9 @@ def _create_or_reuse(value: Any) -> str:
     return "create"
 
 
-def _either(create: type[BaseModel]) -> Any:
+def _either(create: type[BaseModel], reuse: type[Reuse] = Reuse) -> Any:
     return Annotated[
-        Annotated[create, Tag("create")] | Annotated[Reuse, Tag("reuse")],
+        Annotated[create, Tag("create")] | Annotated[reuse, Tag("reuse")],
         Discriminator(_create_or_reuse),
     ]
 
@@ -180,7 +186,7 @@ class JobSpec(_Strict):
     name: str = Field(min_length=1, max_length=200)
     workspace: _either(WorkspaceSpec)  # type: ignore[valid-type]
     endpoint: _either(EndpointSpec)  # type: ignore[valid-type]
-    model: _either(ModelSpec)  # type: ignore[valid-type]
+    model: _either(ModelSpec, ModelReuse)  # type: ignore[valid-type]
     service_instance: ServiceInstanceSpec
     invocation: InvocationSpec
     timeouts: Timeouts = Timeouts()
@@ -191,7 +197,8 @@ class JobSpec(_Strict):
     def _reused_children_need_their_workspace(self) -> JobSpec:
         for key in ("endpoint", "model"):
             if isinstance(getattr(self, key), Reuse) and not isinstance(self.workspace, Reuse):
-                raise ValueError(f"{key}.id: reusing a {key} needs workspace: {{id: ...}} too "
+                article = "an" if key[0] in "aeiou" else "a"
+                raise ValueError(f"{key}.id: reusing {article} {key} needs workspace: {{id: ...}} too "
                                  f"(a {key} lives in the workspace it was created in)")
         return self
 

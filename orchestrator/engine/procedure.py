@@ -112,7 +112,7 @@ async def _existing(rt: Runner, ctx: Context, name: StepName, ops: CreateStep,
         return
     hint = "" if len(matches) == 1 else " (several; adopt needs exactly one)"
     raise TerminalError(
-        f"a {ops.kind} named {request_name!r} already exists ({ids}) and was not created by "
+        f"{_a(ops.kind)} named {request_name!r} already exists ({ids}) and was not created by "
         f"this job{hint}; rename it in the spec, or set on_existing: adopt to use it",
         code="fabricflow.conflict")
 
@@ -135,6 +135,14 @@ async def reuse(rt: Runner, ctx: Context, name: StepName, ops: CreateStep, resou
         await rt.fail(ctx, name, state, TerminalError(
             f"{ops.kind} {resource_id} (reused by the spec) does not exist", code="fabricflow.not_found"))
         return
+    pinned = getattr(getattr(ctx.spec, ops.spec_key), "version_id", None)
+    if pinned is not None:
+        assert ctx.job.resource_id(StepName.WORKSPACE) is not None
+        versions = await rt.client.list_model_versions(ctx.job.resource_id(StepName.WORKSPACE), resource_id)
+        if pinned not in {v.id for v in versions}:
+            await rt.fail(ctx, name, state, TerminalError(
+                f"model {resource_id} has no version {pinned}", code="fabricflow.not_found"))
+        found = Found(found.id, found.status, found.description, {**found.extra, "version_id": pinned})
     await rt.move(ctx, name, state, StepState.SKIPPED, f"reusing {ops.kind} {resource_id}",
                   resource_id=resource_id, resource_status=found.status, extra={**_clean(found.extra), "reused": True})
 
@@ -254,6 +262,10 @@ async def check_reused(client: FabricClient, spec: JobSpec) -> None:
             missing.append(f"model {spec.model.id}")
     if missing:
         raise NotFoundError("; ".join(f"{m} (reused by the spec) does not exist" for m in missing))
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
 
 
 def _clean(extra: dict[str, object]) -> dict[str, object]:

@@ -307,3 +307,20 @@ async def test_failed_service_instance_fails_job_with_fabric_error(store, emulat
     assert job.error["code"] == "FABRIC.4002"
     assert "model load error" in job.error["message"]
     assert job.steps[StepName.INVOCATION].state is StepState.PENDING
+
+
+async def test_reused_model_with_a_pinned_version(store, emulator, spec_data):
+    async with aiohttp.ClientSession() as session:
+        ws = (await (await session.post(f"{emulator.url}/v1/workspaces", json={"name": "modelsws"})).json())["id"]
+        made = await (await session.post(f"{emulator.url}/v1/workspaces/{ws}/models", json={
+            "name": "kept", "type": "LLM_MODEL", "version": {"name": "v1"}})).json()
+    spec = make_spec(spec_data, workspace={"id": ws}, model={"id": made["id"], "version_id": made["version_id"]})
+    job = await run_job(store, emulator.url, spec)
+    assert job.state is JobState.SUCCEEDED, job.error
+    assert job.as_json()["result"]["model_version_id"] == made["version_id"]
+    assert job.steps[StepName.MODEL].state is StepState.SKIPPED
+
+    wrong = make_spec(spec_data, name="wrong", workspace={"id": ws}, endpoint={**spec_data["endpoint"], "name": "e2"},
+                      model={"id": made["id"], "version_id": "f" * 32}, service_instance={"name": "other"})
+    job = await run_job(store, emulator.url, wrong)
+    assert job.state is JobState.FAILED and f"has no version {'f' * 32}" in job.error["message"]

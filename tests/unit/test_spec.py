@@ -117,7 +117,7 @@ def test_reuse_everything_reusable(tmp_path, base):
         base[field] = {"id": f"{field}-id-1"}
     path = _write(tmp_path, "job.yaml", yaml.safe_dump(base))
     spec = load_spec(path)
-    assert [type(getattr(spec, f)) for f in ("workspace", "endpoint", "model")] == [Reuse] * 3
+    assert all(isinstance(getattr(spec, f), Reuse) for f in ("workspace", "endpoint", "model"))
 
 
 def test_spec_is_frozen(base):
@@ -339,4 +339,4 @@ def test_parse_duration_rejects(value):
 def test_reused_endpoint_needs_reused_workspace(base):
     base["endpoint"] = {"id": "e" * 32}
     lines = _problems(base)
-    assert any("reusing a endpoint needs workspace: {id: ...} too" in line for line in lines), lines
+    assert any("reusing an endpoint needs workspace: {id: ...} too" in line for line in lines), lines
