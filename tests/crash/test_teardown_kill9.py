@@ -136,3 +136,25 @@ def test_submit_wait_and_teardown_wait_with_a_daemon(tmp_path, emulator):
     finally:
         assert daemon.terminate() == 0
     assert emulator.stats()["live"] == {"workspace": 0, "endpoint": 0, "model": 0, "service_instance": 0}
+
+
+def test_events_follow_streams_a_live_job_until_it_ends(tmp_path, emulator):
+    import subprocess
+
+    from tests.crash.procs import FABRICFLOW, env
+
+    db = tmp_path / "jobs.db"
+    url = f"sqlite+aiosqlite:///{db}"
+    job_id = cli("submit", str(QUICKSTART), "--db", url).stdout.strip()
+    follow = subprocess.Popen([*FABRICFLOW, "events", job_id, "--follow", "--json", "--db", url],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env())
+    daemon = Daemon(url, emulator.url, tmp_path / "d.log")
+    try:
+        out, _ = follow.communicate(timeout=60)
+    finally:
+        assert daemon.terminate() == 0
+    events = [json.loads(line) for line in out.splitlines()]
+    assert follow.returncode == 0
+    assert events[0]["to"] == "PENDING" and events[-1]["to"] == "SUCCEEDED"
+    assert any(e["step"] == "endpoint_ready" and e["to"] == "WAITING" for e in events)
+    assert [e["id"] for e in events] == sorted({e["id"] for e in events})  # each once, in order
