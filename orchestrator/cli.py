@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import click
@@ -16,6 +16,7 @@ from sqlalchemy.exc import DBAPIError
 
 from orchestrator import logs
 from orchestrator.config import Settings, load_settings
+from orchestrator.domain import Event
 from orchestrator.errors import OrchestratorError, UserError
 from orchestrator.machine import JobState
 from orchestrator.render import ProgressPrinter, format_event, format_job, format_jobs
@@ -251,21 +252,24 @@ def _reuses(spec: Any) -> bool:
     return any(isinstance(getattr(spec, key), Reuse) for key in ("workspace", "endpoint", "model"))
 
 
-async def _follow(store: JobStore, job_id: str, *, printer: bool) -> Any:
-    """Print the job's events as they are committed until it ends; returns the final job."""
-    last = 0
+async def follow_events(store: JobStore, job_id: str, *, after: int = 0) -> AsyncIterator[Event]:
+    """The job's events as they are committed, until it has ended and its last event is out."""
     while True:
-        for event in await store.events(job_id, after=last):
-            last = event.id
-            if printer:
-                click.echo(format_event(event), err=True)
-        job = await store.get(job_id)
-        if job.state.is_terminal:
-            for event in await store.events(job_id, after=last):
-                if printer:
-                    click.echo(format_event(event), err=True)
-            return job
+        ended = (await store.get(job_id)).state.is_terminal  # read before the events: none missed
+        for event in await store.events(job_id, after=after):
+            after = event.id
+            yield event
+        if ended:
+            return
         await asyncio.sleep(0.5)
+
+
+async def _follow(store: JobStore, job_id: str, *, printer: bool) -> Any:
+    """Print the job's events to stderr as they are committed until it ends; returns the final job."""
+    async for event in follow_events(store, job_id):
+        if printer:
+            click.echo(format_event(event), err=True)
+    return await store.get(job_id)
 
 
 # --- daemon ------------------------------------------------------------------------------------
@@ -364,22 +368,15 @@ def events(ctx: click.Context, job_ref: str, follow: bool, as_json: bool) -> Non
 
     async def go(store: JobStore) -> None:
         job_id = await store.resolve(job_ref)
-        found = await store.events(job_id)
-        if as_json and not follow:
-            emit_json([e.as_json() for e in found])
+        if not follow:
+            found = await store.events(job_id)
+            if as_json:
+                emit_json([e.as_json() for e in found])
+            for event in [] if as_json else found:
+                click.echo(format_event(event))
             return
-        last = 0
-        while True:
-            for event in found:
-                last = event.id
-                click.echo(json.dumps(event.as_json()) if as_json else format_event(event))
-            if not follow or (await store.get(job_id)).state.is_terminal:
-                if follow:
-                    for event in await store.events(job_id, after=last):
-                        click.echo(json.dumps(event.as_json()) if as_json else format_event(event))
-                return
-            await asyncio.sleep(0.5)
-            found = await store.events(job_id, after=last)
+        async for event in follow_events(store, job_id):
+            click.echo(json.dumps(event.as_json()) if as_json else format_event(event))
 
     run_async(_with_store(settings, go))
 

@@ -57,6 +57,10 @@ class TerminalError(FabricError):
 class ResourceFailedError(TerminalError):
     """A resource reached a failed state on Fabric (CREATE_FAILED, FAILED, ...)."""
 
+    def __init__(self, message: str, *, resource_status: str | None = None, **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.resource_status = resource_status
+
 
 class NeedsReconcileError(FabricError):
     """A create may or may not have happened; look the resource up before resending."""

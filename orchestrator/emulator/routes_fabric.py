@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from aiohttp import web
@@ -12,7 +11,7 @@ from .common import child_of, empty, ok, store_of, workspace_of
 from .errors import CREATE_FAILED, duplicate, invalid, wrong_state
 from .keys import CONFIG
 from .resources import Resource, Store, field_matches, name_matches, paginate
-from .validation import (integer, json_body, min_max, obj, resource_name, text,
+from .validation import (injected_failure, integer, json_body, min_max, obj, resource_name, text,
                          workspace_name)
 
 ENDPOINT_TYPES = ("service", "ray", "inference", "job", "ray_service", "sql",
@@ -116,11 +115,9 @@ async def create_endpoint(request: web.Request) -> web.Response:
               "ray_resource": obj(body, "ray_resource"),
               "cap": obj(body, "cap"), "config": obj(body, "config"),
               "custom_image_id": text(body, "custom_image_id"), "public_access": bool(public)}
-    pattern = request.app[CONFIG].create_fail
-    failure = None
-    if pattern is not None and re.search(pattern, name):
-        failure = (CREATE_FAILED, f"Failed to create endpoint {name}: insufficient MU resources "
-                   "in the resource pool (injected by the emulator's create_fail)")
+    failure = injected_failure(request.app[CONFIG].create_fail, name, CREATE_FAILED,
+                               f"Failed to create endpoint {name}: insufficient MU resources "
+                               "in the resource pool (injected by the emulator's create_fail)")
     res = store.add("endpoint", name, ws.id, fields, failure=failure)
     return ok(views.endpoint(store, res))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 
 from typing import Any
 
@@ -13,7 +12,7 @@ from .common import child_of, empty, ok, store_of, workspace_of
 from .errors import INSTANCE_FAILED, invalid, not_found, wrong_state
 from .keys import CONFIG
 from .resources import Resource, Store, field_matches, name_matches, paginate
-from .validation import json_body, min_max, obj, plain_description, resource_name, text
+from .validation import injected_failure, json_body, min_max, obj, plain_description, resource_name, text
 
 
 def _source(store: Store, ws: Resource, body: dict[str, Any]) -> dict[str, str]:
@@ -72,11 +71,9 @@ async def create_instance(request: web.Request) -> web.Response:
     endpoint = _endpoint(store, ws, body)
     fields = {"description": description, "source": source, "endpoint_id": endpoint.id,
               "config": _config(body, endpoint)}
-    pattern = request.app[CONFIG].instance_fail
-    failure = None
-    if pattern is not None and re.search(pattern, name):
-        failure = (INSTANCE_FAILED, f"Failed to deploy service instance {name}: model load error "
-                   "(injected by the emulator's instance_fail)")
+    failure = injected_failure(request.app[CONFIG].instance_fail, name, INSTANCE_FAILED,
+                               f"Failed to deploy service instance {name}: model load error "
+                               "(injected by the emulator's instance_fail)")
     res = store.add("service_instance", name, ws.id, fields, failure=failure)
     return ok({"id": res.id})
 

@@ -111,3 +111,10 @@ def min_max(spec: dict[str, Any], where: str, *, upper: int | None = None) -> tu
     if upper is not None and high > upper:
         raise invalid(f"{where}max ({high}) must not exceed {upper}")
     return low, high
+
+
+def injected_failure(pattern: str | None, name: str, code: str, message: str) -> tuple[str, str] | None:
+    """The ``(error_code, error_msg)`` a resource ends with when its name matches a failure regex."""
+    if pattern is not None and re.search(pattern, name):
+        return code, message
+    return None

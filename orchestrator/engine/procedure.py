@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 from orchestrator.domain import ownership_marker
 from orchestrator.engine.steps import CREATE_STEPS, POLL_STEPS, CreateStep, Found, PollStep, invocation_body
 from orchestrator.errors import (
-    FabricError,
     NeedsReconcileError,
     NotFoundError,
+    ResourceFailedError,
     RetryableError,
     StaleTransition,
     TerminalError,
@@ -201,7 +201,8 @@ async def _poll_until_running(rt: Runner, ctx: Context, name: StepName, ops: Pol
             attempts = await rt.retry(ctx, name, state, attempts, exc)  # waits out Retry-After too
             slept = True
         except TerminalError as exc:
-            await rt.fail(ctx, name, state, exc, resource_status=_status_of(exc, last))
+            status = exc.resource_status if isinstance(exc, ResourceFailedError) else last
+            await rt.fail(ctx, name, state, exc, resource_status=status)
         now = rt.store.clock()
         if now >= deadline:
             waited = human((now - started).total_seconds())
@@ -270,13 +271,6 @@ def _a(noun: str) -> str:
 
 def _clean(extra: dict[str, object]) -> dict[str, object]:
     return {k: v for k, v in extra.items() if v is not None}
-
-
-def _status_of(exc: FabricError, last: str | None) -> str | None:
-    for status in ("CREATE_FAILED", "FAILED", "FROZEN", "INACTIVE", "DELETED", "DELETING", "STOPPED"):
-        if f" is {status}" in exc.message:
-            return status
-    return last
 
 
 def human(seconds: float) -> str:

@@ -21,7 +21,6 @@ from orchestrator.engine.poller import SharedPoller
 from orchestrator.errors import FabricError, NeedsReconcileError, StaleTransition
 from orchestrator.fabric.client import FabricClient
 from orchestrator.machine import (
-    TABLES,
     JobKind,
     JobState,
     OutcomeKind,
@@ -182,7 +181,7 @@ class Runner:
                     ctx.deadline = (job.started_at or self.store.clock()) + timedelta(seconds=ctx.spec.timeouts.job)
             else:
                 await teardown.wait_for_parent(self, ctx)
-            order = tuple(row.name for row in TABLES[job.kind])
+            order = job.order
             while (name := next_step({n: s.state for n, s in ctx.job.steps.items()}, order)) is not None:
                 self.checkpoint(ctx, name)
                 failed_step = ctx.job.steps[name]
@@ -245,7 +244,7 @@ class Runner:
         self.observer.on_step(ctx.job, name, dst, detail)
 
     async def retry(self, ctx: Context, name: StepName, state: StepState, attempts: int,
-                    exc: FabricError, *, sleep: bool = True) -> int:
+                    exc: FabricError) -> int:
         """The retryable/unknown-outcome edge: bump attempts, record why, back off."""
         kind = OutcomeKind.UNKNOWN if isinstance(exc, NeedsReconcileError) else OutcomeKind.RETRYABLE
         now = self.store.clock()
@@ -261,8 +260,7 @@ class Runner:
         await self.move(ctx, name, state, decision.state,
                         f"attempt {decision.attempts} failed ({what}): {exc.message}; retrying in {delay:.1f}s",
                         attempts=decision.attempts, run_after=decision.run_after, error=exc.as_dict())
-        if sleep:
-            await self.sleep(ctx, delay)
+        await self.sleep(ctx, delay)
         return decision.attempts
 
     async def fail(self, ctx: Context, name: StepName, state: StepState, exc: FabricError, **fields: Any) -> None:

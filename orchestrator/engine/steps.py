@@ -179,7 +179,8 @@ class PollStep:
         if found.status in self.failed:
             code = found.extra.get("error_code") or found.status
             message = found.extra.get("error_msg") or f"{resource} is {found.status}"
-            raise ResourceFailedError(f"{resource} {found.id} is {found.status}: {message}", code=code)
+            raise ResourceFailedError(f"{resource} {found.id} is {found.status}: {message}", code=code,
+                                      resource_status=found.status)
         return False
 
 

@@ -86,16 +86,13 @@ class LeaseMixin:
         recovery does not wait for its leases to expire; a live ``fabricflow run`` keeps its job.
         """
         now = self.clock()
-        query = select(jobs.c.id, jobs.c.state, jobs.c.lease_owner).where(jobs.c.state == JobState.RUNNING)
+        query = select(jobs.c.id, jobs.c.state, jobs.c.lease_owner, jobs.c.lease_expires_at).where(
+            jobs.c.state == JobState.RUNNING)
         async with self._write() as conn:
             return [row.id for row in (await conn.execute(query)).all()
                     if (row.lease_owner is None or row.lease_owner == owner or is_dead(row.lease_owner)
-                        or await self._expired(conn, row.id, now))
+                        or row.lease_expires_at is None or row.lease_expires_at < now)
                     and await self._take(conn, row, owner, now, lease)]
-
-    async def _expired(self: JobStore, conn: AsyncConnection, job_id: str, now: datetime) -> bool:
-        expires = (await conn.execute(select(jobs.c.lease_expires_at).where(jobs.c.id == job_id))).scalar()
-        return expires is None or expires < now
 
     async def _take(self: JobStore, conn: AsyncConnection, row: Any, owner: str, now: datetime, lease: float) -> bool:
         src = JobState(row.state)
