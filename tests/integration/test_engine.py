@@ -164,26 +164,39 @@ async def test_reused_workspace_is_checked_and_skipped(store, emulator, spec_dat
     assert "does not exist" in missing.error["message"]
 
 
-async def test_many_jobs_waiting_on_one_endpoint_share_polls(store, emulator_factory, spec_data):
-    """Jobs that reuse one endpoint poll it together, not once each."""
-    emu = await emulator_factory(ready_after=1.0, instance_ready_after=0.1)
+async def _run_on_one_endpoint(store, emulator_factory, spec_data, *, shared: bool, tag: str) -> int:
+    """Ten jobs reusing one endpoint that takes 1.5 s to be RUNNING; returns the requests they sent."""
+    emu = await emulator_factory(ready_after=1.5, instance_ready_after=0.1)
     async with aiohttp.ClientSession() as session:
-        ws = (await (await session.post(f"{emu.url}/v1/workspaces", json={"name": "sharedws"})).json())["id"]
+        ws = (await (await session.post(f"{emu.url}/v1/workspaces", json={"name": f"sharedws{tag}"})).json())["id"]
         body = {"name": "shared", "type": "inference"}
         ep = (await (await session.post(f"{emu.url}/v1/workspaces/{ws}/endpoints", json=body)).json())["id"]
     before = (await stats(emu.url))["requests"]
-    specs = [make_spec(spec_data, name=f"j{i}", workspace={"id": ws}, endpoint={"id": ep},
+    specs = [make_spec(spec_data, name=f"j{tag}{i}", workspace={"id": ws}, endpoint={"id": ep},
                        model={**spec_data["model"], "name": f"m{i}"},
                        service_instance={"name": f"s{i}"}) for i in range(10)]
     jobs = [await store.submit(s) for s in specs]
     for j in jobs:
         await store.claim(j.id, OWNER, lease=30)
+    steady = EngineSettings(**{**FAST.__dict__, "poll_initial": 0.25, "poll_max": 0.25})
     async with FabricClient(emu.url) as client:
-        runner = Runner(store, client, owner=OWNER, settings=FAST)
-        await asyncio.gather(*(runner.run(j.id) for j in jobs))
+        if shared:  # one runner: one shared poller
+            runner = Runner(store, client, owner=OWNER, settings=steady)
+            await asyncio.gather(*(runner.run(j.id) for j in jobs))
+        else:  # a runner (and a poller) per job: nothing shared
+            await asyncio.gather(*(Runner(store, client, owner=OWNER, settings=steady).run(j.id) for j in jobs))
     assert {(await store.get(j.id)).state for j in jobs} == {JobState.SUCCEEDED}
+    return (await stats(emu.url))["requests"] - before
+
+
+async def test_many_jobs_waiting_on_one_endpoint_share_polls(store, emulator_factory, spec_data):
+    """Jobs that reuse one endpoint poll it together, not once each."""
+    shared = await _run_on_one_endpoint(store, emulator_factory, spec_data, shared=True, tag="a")
+    alone = await _run_on_one_endpoint(store, emulator_factory, spec_data, shared=False, tag="b")
     # Each job alone would poll the endpoint ~10 times over that second.
-    assert (await stats(emu.url))["requests"] - before < 10 * 12
+    assert shared < 10 * 12
+    # Polling alone, 10 jobs x ~6 polls of the endpoint; shared, ~6 in all.
+    assert alone - shared >= 30, (alone, shared)
 
 
 async def test_per_step_retry_limit_fails_with_the_reason(store, emulator, spec_data):
