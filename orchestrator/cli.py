@@ -172,7 +172,7 @@ async def _run(settings: Settings, spec: Any) -> Any:
             ticker = asyncio.create_task(_tick(store, job.id, printer))
             try:
                 async with heartbeat(store, runner, settings.daemon):
-                    state = await runner.run(job.id)
+                    state = await runner.run(job)
             finally:
                 ticker.cancel()
                 for sig in (signal.SIGINT, signal.SIGTERM):

@@ -59,6 +59,11 @@ def make_spec(data: dict[str, Any], **changes: Any) -> JobSpec:
     return parse_spec({**data, **changes}, "test-spec")
 
 
+def ids(jobs: Any) -> list[str]:
+    """The IDs of job snapshots (what claims return), in order."""
+    return [job.id for job in jobs]
+
+
 PG_ADMIN_URL = os.environ.get("FABRICFLOW_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 

@@ -42,6 +42,8 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
         if is_control(request):
             return await handler(request)
         app[STORE].stats.requests += 1
+        handler_name = getattr(request.match_info.route.handler, "__name__", "unmatched")
+        app[STORE].stats.operations[handler_name] += 1
         await authenticate(request, app[CONFIG])
         status = app[FAULTS].take_failure()
         if status is not None:

@@ -63,6 +63,7 @@ class Stats:
     created: dict[str, Counter[str]] = field(
         default_factory=lambda: {kind: Counter() for kind in KINDS})
     requests: int = 0
+    operations: Counter[str] = field(default_factory=Counter)  # requests by handler, e.g. show_endpoint
 
 
 class Store:
@@ -177,7 +178,8 @@ class Store:
     def snapshot(self) -> dict[str, Any]:
         """The ``/_emulator/stats`` document."""
         return {"created": {kind: dict(names) for kind, names in self.stats.created.items()},
-                "live": self.live_counts(), "requests": self.stats.requests}
+                "live": self.live_counts(), "requests": self.stats.requests,
+                "operations": dict(self.stats.operations)}
 
     def reset(self) -> None:
         """Forget every resource and counter."""

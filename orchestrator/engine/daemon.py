@@ -18,6 +18,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 
 from orchestrator.config import DaemonSettings
+from orchestrator.domain import Job
 from orchestrator.engine.health import DaemonMetrics, serving
 from orchestrator.engine.runner import Runner
 from orchestrator.errors import UserError
@@ -165,9 +166,9 @@ class Daemon:
                 if db.is_sqlite(self.url):
                     # This process owns the file: a RUNNING job whose holder died (a crashed
                     # daemon or `fabricflow run`) is resumed now, without waiting for its lease.
-                    for job_id in await self.store.reclaim_all(self.owner, lease=cfg.lease_seconds,
-                                                               is_dead=is_dead):
-                        self._spawn(job_id)
+                    for job in await self.store.reclaim_all(self.owner, lease=cfg.lease_seconds,
+                                                            is_dead=is_dead, max_runs=cfg.max_recoveries):
+                        self._spawn(job)
                 log.info("daemon_started", owner=self.owner, database=db.describe(self.url))
                 if ready is not None:
                     ready.set()
@@ -178,9 +179,10 @@ class Daemon:
                     free = min(cfg.concurrency - len(self.tasks), CLAIM_BATCH)
                     pause = cfg.claim_interval
                     try:
-                        for job_id in await self.store.claim_next(self.owner, limit=free, lease=cfg.lease_seconds,
-                                                                  running=set(self.tasks)):
-                            self._spawn(job_id)
+                        for job in await self.store.claim_next(self.owner, limit=free, lease=cfg.lease_seconds,
+                                                               running=set(self.tasks),
+                                                               max_runs=cfg.max_recoveries):
+                            self._spawn(job)
                         failures = 0
                     except (DBAPIError, SQLAlchemyTimeoutError, OSError) as exc:
                         # A locked file, a failover, a full pool: survivable; keep running jobs and retry.
@@ -193,16 +195,18 @@ class Daemon:
                 await self._drain()
         log.info("daemon_stopped", owner=self.owner)
 
-    def _spawn(self, job_id: str) -> None:
+    def _spawn(self, job: Job) -> None:
+        job_id = job.id
         if job_id in self.tasks:  # already running here; never two runners on one job
             return
-        task = asyncio.create_task(self._run_one(job_id), name=f"job-{job_id[:8]}")
+        task = asyncio.create_task(self._run_one(job), name=f"job-{job_id[:8]}")
         self.tasks[job_id] = task
         task.add_done_callback(lambda _t: (self.tasks.pop(job_id, None), self._wake.set()))
 
-    async def _run_one(self, job_id: str) -> None:
+    async def _run_one(self, job: Job) -> None:
+        job_id = job.id
         try:
-            await self.runner.run(job_id)
+            await self.runner.run(job)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

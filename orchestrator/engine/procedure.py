@@ -8,10 +8,11 @@ resumes from without a second create.
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from orchestrator.domain import ownership_marker
+from orchestrator.domain import Job, ownership_marker
 from orchestrator.engine.steps import CREATE_STEPS, POLL_STEPS, CreateStep, Found, PollStep, invocation_body
 from orchestrator.errors import (
     NeedsReconcileError,
@@ -22,6 +23,7 @@ from orchestrator.errors import (
     TerminalError,
 )
 from orchestrator.fabric.client import FabricClient
+from orchestrator.fabric.models import RUNNING
 from orchestrator.spec import JobSpec, Reuse
 from orchestrator.machine import ROWS, Action, StepName, StepState, backoff
 
@@ -43,42 +45,51 @@ async def advance(rt: Runner, ctx: Context, name: StepName) -> None:
 async def create(rt: Runner, ctx: Context, name: StepName, ops: CreateStep) -> None:
     """Create the step's resource exactly once, or adopt the one this job already created."""
     assert ctx.spec is not None
-    job, spec = ctx.job, ctx.spec
-    step = job.step(name)
+    spec = ctx.spec
+    step = ctx.job.step(name)
     reuse_id = ops.reuse(spec)
     if reuse_id is not None:
         await reuse(rt, ctx, name, ops, reuse_id)
         return
     request_name = getattr(spec, ops.spec_key).name
     state, attempts = step.state, step.attempts
+    marker = ownership_marker(ctx.job.id)
+    leased_at: float | None = None
     if state is StepState.PENDING:
-        await rt.move(ctx, name, state, StepState.IN_FLIGHT,
-                      f"intent: create {ops.kind} {request_name!r}", request_name=request_name)
-        state = StepState.IN_FLIGHT
-    marker = ownership_marker(job.id)
+        # A PENDING step has never sent its create: the intent is durable before any create
+        # leaves. A look-up can only find a same-named resource that this job did not make, and
+        # none can exist inside a workspace this job created itself; elsewhere, look first.
+        if name is StepName.WORKSPACE or not _own_workspace(ctx.job):
+            try:
+                if await _look(rt, ctx, name, ops, state, request_name, marker):
+                    return
+            except (RetryableError, NeedsReconcileError) as exc:
+                await rt.move(ctx, name, state, StepState.IN_FLIGHT,
+                              f"intent: create {ops.kind} {request_name!r}", request_name=request_name)
+                state = StepState.IN_FLIGHT
+                attempts = await rt.retry(ctx, name, state, attempts, exc)
+            except TerminalError as exc:
+                await rt.fail(ctx, name, state, exc)
+        if state is StepState.PENDING:
+            # The intent's commit renews the lease too: the fence for the create that follows.
+            await rt.move(ctx, name, state, StepState.IN_FLIGHT,
+                          f"intent: create {ops.kind} {request_name!r}", request_name=request_name, renew=True)
+            state, leased_at = StepState.IN_FLIGHT, time.monotonic()
     while True:
         try:
-            matches = await ops.find(rt.client, job, request_name)
-            await rt.progressed(ctx)
-            ours = [m for m in matches if marker in (m.description or "")]
-            if len(ours) > 1:
-                ids = ", ".join(m.id for m in ours)
-                raise TerminalError(f"several {ops.kind}s named {request_name!r} carry this job's "
-                                    f"marker {marker}: {ids}; delete the extra ones and retry the job",
-                                    code="fabricflow.duplicates")
-            if ours:
-                await _done(rt, ctx, name, state, ours[0],
-                            f"found {ops.kind} {ours[0].id} created earlier by this job; adopted")
+            # Resumed, or after an unknown outcome: this job may have created it already.
+            if leased_at is None and await _look(rt, ctx, name, ops, state, request_name, marker):
                 return
-            if matches:
-                await _existing(rt, ctx, name, ops, request_name, matches)
-                return
+            job = ctx.job
             body = ops.body(job, spec)
             if ops.validate is not None:
                 await ops.validate(rt.client, body)
             rt.checkpoint(ctx, name)  # last safe point before the create request
-            # Fencing: only a runner that still holds the lease may send a create.
-            await rt.store.renew(job.id, rt.owner, lease=rt.settings.lease_seconds)
+            # Fencing: only a runner that still holds the lease may send a create. The intent's
+            # commit just renewed it; any later attempt renews it again first.
+            if leased_at is None or time.monotonic() - leased_at > rt.settings.lease_seconds / 4:
+                await rt.store.renew(job.id, rt.owner, lease=rt.settings.lease_seconds)
+            leased_at = None
             created = await ops.create(rt.client, job, body)
             try:
                 await _done(rt, ctx, name, state, created, f"created {ops.kind} {created.id}")
@@ -89,9 +100,36 @@ async def create(rt: Runner, ctx: Context, name: StepName, ops: CreateStep) -> N
                 raise
             return
         except (RetryableError, NeedsReconcileError) as exc:
+            leased_at = None
             attempts = await rt.retry(ctx, name, state, attempts, exc)
         except TerminalError as exc:
             await rt.fail(ctx, name, state, exc)
+
+
+async def _look(rt: Runner, ctx: Context, name: StepName, ops: CreateStep, state: StepState,
+                request_name: str, marker: str) -> bool:
+    """Look the resource up by exact name and marker: adopt this job's own, settle a same-named
+    one that is not (adopt or refuse); False when there is none and a create may go ahead."""
+    matches = await ops.find(rt.client, ctx.job, request_name)
+    await rt.progressed(ctx)
+    ours = [m for m in matches if marker in (m.description or "")]
+    if len(ours) > 1:
+        ids = ", ".join(m.id for m in ours)
+        raise TerminalError(f"several {ops.kind}s named {request_name!r} carry this job's "
+                            f"marker {marker}: {ids}; delete the extra ones and retry the job",
+                            code="fabricflow.duplicates")
+    if ours:
+        if state is StepState.PENDING:  # only a lost intent can lead here; record one first
+            await rt.move(ctx, name, state, StepState.IN_FLIGHT, f"intent: create {ops.kind} {request_name!r}",
+                          request_name=request_name)
+            state = StepState.IN_FLIGHT
+        await _done(rt, ctx, name, state, ours[0],
+                    f"found {ops.kind} {ours[0].id} created earlier by this job; adopted")
+        return True
+    if matches:
+        await _existing(rt, ctx, name, ops, state, request_name, matches)
+        return True
+    return False
 
 
 async def _done(rt: Runner, ctx: Context, name: StepName, src: StepState, found: Found, detail: str) -> None:
@@ -99,13 +137,13 @@ async def _done(rt: Runner, ctx: Context, name: StepName, src: StepState, found:
                   resource_status=found.status, extra=_clean(found.extra), error=None)
 
 
-async def _existing(rt: Runner, ctx: Context, name: StepName, ops: CreateStep,
+async def _existing(rt: Runner, ctx: Context, name: StepName, ops: CreateStep, state: StepState,
                     request_name: str, matches: list[Found]) -> None:
     assert ctx.spec is not None
     ids = ", ".join(m.id for m in matches)
     if ctx.spec.on_existing == "adopt" and len(matches) == 1:
         found = matches[0]
-        await rt.move(ctx, name, StepState.IN_FLIGHT, StepState.SKIPPED,
+        await rt.move(ctx, name, state, StepState.SKIPPED,
                       f"adopted existing {ops.kind} {found.id} (on_existing: adopt); it will never be "
                       "torn down", resource_id=found.id, resource_status=found.status,
                       extra={**_clean(found.extra), "adopted": True})
@@ -161,7 +199,8 @@ async def wait(rt: Runner, ctx: Context, name: StepName, ops: PollStep) -> None:
     poll = ctx.spec.polling
     initial = poll.initial if poll and poll.initial else rt.settings.poll_initial
     cap = poll.max if poll and poll.max else rt.settings.poll_max
-    if state is StepState.PENDING:
+    fresh = state is StepState.PENDING
+    if fresh:
         await rt.move(ctx, name, state, StepState.WAITING, f"waiting for {ops.kind} {resource_id} "
                       f"to be RUNNING (up to {human(timeout)})", resource_id=resource_id, resource_status=last)
         state = StepState.WAITING
@@ -171,6 +210,9 @@ async def wait(rt: Runner, ctx: Context, name: StepName, ops: PollStep) -> None:
     deadline = started + timedelta(seconds=timeout)
     key = (ops.kind, resource_id)
     try:
+        if fresh and last != RUNNING:
+            # Just created and reported not yet RUNNING: asking again at once would only say so again.
+            await rt.sleep(ctx, min(initial, max(0.0, (deadline - rt.store.clock()).total_seconds())))
         await _poll_until_running(rt, ctx, name, ops, key, state=state, attempts=attempts, last=last,
                                   started=started, deadline=deadline, initial=initial, cap=cap)
     finally:
@@ -263,6 +305,12 @@ async def check_reused(client: FabricClient, spec: JobSpec) -> None:
             missing.append(f"model {spec.model.id}")
     if missing:
         raise NotFoundError("; ".join(f"{m} (reused by the spec) does not exist" for m in missing))
+
+
+def _own_workspace(job: Job) -> bool:
+    """True when this job created its workspace itself (not reused, not adopted)."""
+    ws = job.step(StepName.WORKSPACE)
+    return ws.state is StepState.SUCCEEDED and not ws.extra.get("adopted") and not ws.extra.get("reused")
 
 
 def _a(noun: str) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
@@ -32,6 +32,7 @@ from orchestrator.machine import (
 )
 from orchestrator.spec import JobSpec
 from orchestrator.store.jobs import JobStore
+from orchestrator.store.ops import JobEnd, StepMove, applied
 
 log = structlog.get_logger(__name__)
 
@@ -102,13 +103,20 @@ class StepFailed(Exception):
 
 @dataclass
 class Context:
-    """One job's run: its snapshot, parsed spec, deadline and cancellation signal."""
+    """One job's run: its snapshot, parsed spec, deadline and cancellation signal.
+
+    ``staged`` holds a finished step's transition until the job's next write, which commits it
+    in the same transaction: a step's end and the next step's start (its intent, before any
+    create request) cost one commit, not two, and the last step's end is the job's end.
+    """
 
     job: Job
     spec: JobSpec | None
     deadline: datetime | None
     cancel: asyncio.Event
     unproven: bool = True  # this run has not yet had a useful answer from Fabric
+    staged: list[StepMove] = field(default_factory=list)
+    staged_result: dict[str, Any] | None = None
 
 
 class Runner:
@@ -146,13 +154,14 @@ class Runner:
         if event is not None:
             event.set()
 
-    async def run(self, job_id: str) -> JobState:
-        """Advance the job until it ends or the runner is asked to stop; returns its state."""
-        job = await self.store.get(job_id)
+    async def run(self, job: Job | str) -> JobState:
+        """Advance a job this runner's owner has claimed until it ends or the runner is asked
+        to stop; returns its state. Pass the snapshot the claim returned (or an ID to read)."""
+        if isinstance(job, str):
+            job = await self.store.get(job)
+        job_id = job.id
         if job.state is not JobState.RUNNING or job.lease_owner != self.owner:
             return job.state
-        if not await self.store.begin_run(job_id, self.owner, max_runs=self.settings.max_runs):
-            return (await self.store.get(job_id)).state
         cancel = self._cancels.setdefault(job_id, asyncio.Event())
         try:
             with structlog.contextvars.bound_contextvars(job_id=job_id):
@@ -193,27 +202,33 @@ class Runner:
                         await procedure.advance(self, ctx, name)
                     else:
                         await teardown.advance(self, ctx, name)
-                ctx.job = await self.store.get(job.id)
         except StepFailed as failed:
             if not failed.recorded:
                 where = f"step {failed.step} failed: " if failed.step else ""
-                await self.store.finish(job.id, self.owner, JobState.FAILED, error=failed.error,
-                                        detail=f"{where}{failed.error['message']}")
+                await self.end(ctx, JobEnd(JobState.FAILED, f"{where}{failed.error['message']}",
+                                           {"error": failed.error}))
             log.info("job_transitioned", to="FAILED", step=str(failed.step))
             return JobState.FAILED
         except Cancelled:
             step = next_step({n: s.state for n, s in ctx.job.steps.items()}, ctx.job.order)
-            await self.store.finish(job.id, self.owner, JobState.CANCELLED, error=None,
-                                    detail=f"cancelled at a safe point (at step {step})")
+            await self.end(ctx, JobEnd(JobState.CANCELLED, f"cancelled at a safe point (at step {step})",
+                                       {"error": None}))
             log.info("job_transitioned", to="CANCELLED")
             return JobState.CANCELLED
         except Released:
-            await self.store.release(job.id, self.owner, detail=f"released by {self.owner} (shutting down)")
+            await self.end(ctx, JobEnd(JobState.PENDING, f"released by {self.owner} (shutting down)"))
             log.info("job_released")
             return JobState.PENDING
-        await self.store.finish(job.id, self.owner, JobState.SUCCEEDED, detail="all steps succeeded")
+        await self.end(ctx, JobEnd(JobState.SUCCEEDED, "all steps succeeded", {"error": None}))
         log.info("job_transitioned", to="SUCCEEDED")
         return JobState.SUCCEEDED
+
+    async def end(self, ctx: Context, end: JobEnd) -> None:
+        """The job leaves RUNNING, in one transaction with its staged step transitions."""
+        staged, result = ctx.staged, ctx.staged_result
+        await self.store.commit(ctx.job.id, self.owner, staged, end=end, result=result)
+        ctx.staged, ctx.staged_result = [], None
+        self._report(ctx, staged)
 
     def checkpoint(self, ctx: Context, name: StepName | None) -> None:
         """A safe point: stop here if asked to drain, cancel, or out of time."""
@@ -235,13 +250,38 @@ class Runner:
             await self.store.mark_progress(ctx.job.id, self.owner)
             ctx.unproven = False
 
-    async def move(self, ctx: Context, name: StepName, src: StepState, dst: StepState, detail: str,
+    async def move(self, ctx: Context, name: StepName, src: StepState, dst: StepState, detail: str, *,
+                   job_result: dict[str, Any] | None = None, renew: bool = False, fail_job: bool = False,
                    **fields: Any) -> None:
-        """Commit one step transition (compare-and-set under the lease) and report it."""
-        await self.store.move_step(ctx.job.id, self.owner, name, expected=src, to=dst, detail=detail, **fields)
+        """A step transition (compare-and-set under the lease), reported once committed.
+
+        A step's end (SUCCEEDED, SKIPPED) is staged: it commits with the job's next write, which
+        always comes before any further request that could create something. Every other
+        transition commits now, with whatever is staged. ``renew`` extends the lease in the
+        same transaction (an intent right before a create); ``fail_job`` ends the job FAILED.
+        """
+        move = StepMove(name, src, dst, detail, fields)
+        ctx.staged.append(move)
+        if job_result is not None:
+            ctx.staged_result = job_result
+        if dst in (StepState.SUCCEEDED, StepState.SKIPPED) and not fail_job:
+            ctx.job = applied(ctx.job, [move], at=self.store.clock())
+            return
+        staged, result = ctx.staged, ctx.staged_result
+        end = (JobEnd(JobState.FAILED, f"step {name} failed: {detail}", {"error": fields.get("error")})
+               if fail_job else None)
+        await self.store.commit(ctx.job.id, self.owner, staged, end=end, result=result,
+                                renew=self.settings.lease_seconds if renew else None)
+        ctx.staged, ctx.staged_result = [], None
+        ctx.job = applied(ctx.job, [move], at=self.store.clock())  # the staged ones already were
         ctx.unproven = False  # a committed transition resets the poison count too
-        log.info("step_transitioned", **{"from": str(src), "to": str(dst)}, detail=detail)
-        self.observer.on_step(ctx.job, name, dst, detail)
+        self._report(ctx, staged)
+
+    def _report(self, ctx: Context, committed: list[StepMove]) -> None:
+        for move in committed:
+            log.info("step_transitioned", step=str(move.name), **{"from": str(move.expected), "to": str(move.to)},
+                     detail=move.detail)
+            self.observer.on_step(ctx.job, move.name, move.to, move.detail)
 
     async def retry(self, ctx: Context, name: StepName, state: StepState, attempts: int,
                     exc: FabricError) -> int:

@@ -133,7 +133,8 @@ async def _validate_endpoint(client: FabricClient, body: dict[str, Any]) -> None
     wanted = {r["spec_code"] for r in (body.get("reserved_resource") or {}).values() if r.get("spec_code")}
     if not wanted:
         return
-    known = {s.spec_code for s in await client.list_specs(scenario="ENDPOINT")}
+    specs = await client.cached("specs:ENDPOINT", lambda: client.list_specs(scenario="ENDPOINT"))
+    known = {s.spec_code for s in specs}
     unknown = sorted(wanted - known)
     if unknown:
         raise TerminalError(f"endpoint: unknown spec_code {', '.join(unknown)}; Fabric offers "
@@ -146,7 +147,7 @@ async def _validate_model(client: FabricClient, body: dict[str, Any]) -> None:
     wanted = config.get("base_model_type")
     if not wanted:
         return
-    known = {m.base_model_type for m in await client.list_base_models()}
+    known = {m.base_model_type for m in await client.cached("base_models", client.list_base_models)}
     if wanted not in known:
         raise TerminalError(f"model: unknown base_model_type {wanted}; Fabric offers "
                             f"{', '.join(sorted(known)) or 'none'}", code="fabricflow.invalid_spec")

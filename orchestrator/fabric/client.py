@@ -6,10 +6,12 @@ HTTP statuses and aiohttp exceptions become ``orchestrator.errors`` only through
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import aiohttp
 import stamina
@@ -37,6 +39,8 @@ from orchestrator.fabric.models import (
     Workspace,
 )
 from orchestrator.fabric.stream import ChatAccumulator, SSEParser, StreamProtocolError
+
+T = TypeVar("T")
 
 Host = Literal["fabric", "fabric-ep"]
 """Which of the two Fabric hosts serves a path (REFERENCE §1)."""
@@ -103,6 +107,7 @@ class FabricClient:
         self.timeouts = timeouts
         self.read_attempts = read_attempts
         self._session: aiohttp.ClientSession | None = None
+        self._cache: dict[str, tuple[float, asyncio.Future[Any]]] = {}
 
     def __repr__(self) -> str:
         # Never the credentials themselves: only which kind is configured.
@@ -228,6 +233,20 @@ class FabricClient:
         return f"/v1/workspaces/{_seg(workspace_id)}/models"
 
     # --- catalogues -------------------------------------------------------------------------
+
+    async def cached(self, key: str, load: Callable[[], Awaitable[T]], *, ttl: float = 300.0) -> T:
+        """``load()`` at most once per ``ttl`` seconds for this client, for catalogues that change
+        rarely (specs, base models); concurrent callers share one request, failures are not kept."""
+        now = time.monotonic()
+        hit = self._cache.get(key)
+        if hit is None or (hit[0] <= now and hit[1].done()):
+            hit = self._cache[key] = (now + ttl, asyncio.ensure_future(load()))
+        try:
+            return await asyncio.shield(hit[1])  # type: ignore[no-any-return]
+        except Exception:
+            if self._cache.get(key) is hit:
+                del self._cache[key]
+            raise
 
     async def list_base_models(self) -> list[BaseModelInfo]:
         """ListBaseModels: the ``base_model_type`` values a model version may name."""

@@ -103,9 +103,9 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
         # Enforce steps/events -> jobs references; SQLite ignores them unless asked.
         cursor.execute("PRAGMA foreign_keys=ON")
-        # Durable at commit in WAL mode while much cheaper than FULL; a power loss may lose the
-        # last commits but never corrupts, and the exactly-once protocol tolerates lost intents.
-        cursor.execute("PRAGMA synchronous=NORMAL")
+        # FULL: every commit fsyncs the WAL before it returns, so what fabricflow acknowledged
+        # (a submitted job's ID, an intent, a recorded resource ID) survives a power cut.
+        cursor.execute("PRAGMA synchronous=FULL")
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")

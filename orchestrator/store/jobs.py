@@ -9,30 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from pathlib import Path
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import exists, func, insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from orchestrator.domain import Event, Invocation, Job, Step
+from orchestrator.domain import Event, Invocation, Job
 from orchestrator.errors import NotFoundError, StaleTransition, UserError
 from orchestrator.machine import (
-    STATE_TABLE_VERSION,
     JobKind,
     JobState,
     StepName,
     StepState,
-    check_job_edge,
-    check_step_edge,
-    order_of,
 )
-from orchestrator.spec import SPEC_VERSION, JobSpec
-from orchestrator.store import db
+from orchestrator.spec import JobSpec
+from orchestrator.store import db, ops
 from orchestrator.store.leases import NOTIFY_CHANNEL, LeaseMixin
 from orchestrator.store.schema import events, invocations, jobs, steps
+from orchestrator.store.writer import Dialect, Op, PostgresWriter, SQLiteWriter, Sql, Writer
 
 
 def utcnow() -> datetime:
@@ -41,12 +38,19 @@ def utcnow() -> datetime:
 
 
 class JobStore(LeaseMixin):
-    """Reads and writes jobs; the engine and the CLI share it."""
+    """Reads and writes jobs; the engine and the CLI share it.
 
-    def __init__(self, engine: AsyncEngine, *, clock: Callable[[], datetime] = utcnow) -> None:
+    The hot path's writes (submits, claims, leases, step transitions, job ends) go through one
+    ``Writer`` per process, which commits them in batches (group commit); reads go through
+    SQLAlchemy's async engine, as do the CLI's rare writes (cancel, retry, teardown, invoke).
+    """
+
+    def __init__(self, engine: AsyncEngine, *, clock: Callable[[], datetime] = utcnow,
+                 writer: Writer | None = None) -> None:
         self.engine = engine
-        self._writer = engine.execution_options(**{db.WRITE: True})
+        self._sa_writer = engine.execution_options(**{db.WRITE: True})
         self.clock = clock
+        self._writer: Writer = writer or _writer_for(engine, clock)
         # SQLite has one writer at a time; queueing this process's writers here is much faster
         # than letting them contend for the file lock, whose busy handler sleeps between tries.
         self._write_lock = asyncio.Lock() if engine.dialect.name == "sqlite" else None
@@ -55,10 +59,10 @@ class JobStore(LeaseMixin):
     async def _write(self) -> AsyncIterator[AsyncConnection]:
         """A write transaction (BEGIN IMMEDIATE on SQLite), committed when the block ends."""
         if self._write_lock is None:
-            async with self._writer.begin() as conn:
+            async with self._sa_writer.begin() as conn:
                 yield conn
             return
-        async with self._write_lock, self._writer.begin() as conn:
+        async with self._write_lock, self._sa_writer.begin() as conn:
             yield conn
 
     @classmethod
@@ -74,59 +78,51 @@ class JobStore(LeaseMixin):
         return cls(engine)
 
     async def close(self) -> None:
-        """Release every connection."""
+        """Finish the queued writes and release every connection."""
+        await self._writer.close()
         await self.engine.dispose()
+
+    @property
+    def writer(self) -> Writer:
+        """The group-commit writer (its ``stats()`` count batches, operations, statements)."""
+        return self._writer
 
     # --- submitting and reading -------------------------------------------------------------
 
     async def submit(self, spec: JobSpec, *, owner: str | None = None, lease: float = 30.0) -> Job:
         """Insert a job with its steps, all PENDING; the job PENDING, or already RUNNING under
         ``owner`` (``fabricflow run``: no moment in which a daemon could claim it first)."""
-        async with self._write() as conn:
-            job_id = await self._insert(conn, name=spec.name, kind=JobKind.CREATE,
-                                        spec=spec.model_dump(mode="json"), detail=f"submitted {spec.name!r}")
-            if owner is not None:
-                now = self.clock()
-                await conn.execute(update(jobs).where(jobs.c.id == job_id).values(
-                    state=JobState.RUNNING, lease_owner=owner, started_at=now,
-                    lease_expires_at=now + timedelta(seconds=lease)))
-                await self._event(conn, job_id, None, JobState.PENDING, JobState.RUNNING, f"claimed by {owner}")
+        (job_id,) = await self.submit_many([spec], owner=owner, lease=lease)
         return await self.get(job_id)
+
+    async def submit_many(self, specs: Iterable[JobSpec], *, owner: str | None = None,
+                          lease: float = 30.0) -> list[str]:
+        """Insert many jobs in one transaction, durable when this returns; their IDs in order."""
+        new = [ops.NewJob(name=spec.name, kind=JobKind.CREATE, spec=spec.model_dump(mode="json"),
+                          detail=f"submitted {spec.name!r}") for spec in specs]
+        if not new:
+            return []
+        return await self._writer.run(ops.insert_jobs(new, at=self.clock(), owner=owner, lease=lease,
+                                                      notify=NOTIFY_CHANNEL))
 
     async def submit_teardown(self, parent_id: str) -> Job:
         """Insert a PENDING teardown job for ``parent_id`` (which must not be RUNNING)."""
-        async with self._write() as conn:
-            parent = (await conn.execute(select(jobs).where(jobs.c.id == parent_id))).mappings().one()
+        at = self.clock()
+
+        def op(d: Dialect) -> Op[str]:
+            found = yield Sql("SELECT name, kind FROM jobs WHERE id = :id", {"id": parent_id})
+            if not found.rows:
+                raise NotFoundError(f"no job {parent_id!r}")
+            parent = found.rows[0]
             if parent["kind"] != JobKind.CREATE:
                 raise UserError(f"job {parent_id[:8]} is itself a teardown; there is nothing to tear down")
-            job_id = await self._insert(
-                conn, name=f"teardown of {parent['name']}", kind=JobKind.TEARDOWN, parent_id=parent_id,
-                spec={"teardown_of": parent_id}, detail=f"teardown of job {parent_id} submitted")
-            await self._event(conn, parent_id, None, None, None, f"teardown job {job_id} submitted")
-        return await self.get(job_id)
+            new = ops.NewJob(name=f"teardown of {parent['name']}", kind=JobKind.TEARDOWN, parent_id=parent_id,
+                             spec={"teardown_of": parent_id}, detail=f"teardown of job {parent_id} submitted")
+            yield from ops.insert_jobs([new], at=at, notify=NOTIFY_CHANNEL)(d)
+            yield from ops.note(parent_id, f"teardown job {new.id} submitted", at=at)(d)
+            return new.id
 
-    async def _insert(self, conn: AsyncConnection, *, name: str, kind: JobKind, spec: dict[str, Any],
-                      detail: str, parent_id: str | None = None) -> str:
-        now = self.clock()
-        job_id = uuid.uuid4().hex
-        await conn.execute(
-            insert(jobs).values(
-                id=job_id, name=name, kind=kind, parent_id=parent_id, state=JobState.PENDING, spec=spec,
-                spec_version=SPEC_VERSION, state_version=STATE_TABLE_VERSION, recoveries=0,
-                created_at=now, updated_at=now,
-            )
-        )
-        await conn.execute(
-            insert(steps),
-            [
-                dict(job_id=job_id, name=name, position=i, state=StepState.PENDING,
-                     attempts=0, updated_at=now, extra={})
-                for i, name in enumerate(order_of(kind))
-            ],
-        )
-        await self._event(conn, job_id, None, None, JobState.PENDING, detail)
-        await self._notify(conn, job_id)
-        return job_id
+        return await self.get(await self._writer.run(op))
 
     async def _notify(self, conn: AsyncConnection, job_id: str) -> None:
         """Wake listening daemons at commit (PostgreSQL); SQLite daemons poll instead."""
@@ -264,8 +260,9 @@ class JobStore(LeaseMixin):
             rows = (await conn.execute(query)).mappings().all()
         return [Event(**row) for row in rows]
 
-    async def release(self, job_id: str, owner: str, *, detail: str, crashed: bool = False) -> None:
-        """Hand a RUNNING job back: PENDING, no owner.
+    async def release(self, job_id: str, owner: str, *, detail: str, crashed: bool = False,
+                      moves: Sequence[ops.StepMove] = ()) -> None:
+        """Hand a RUNNING job back: PENDING, no owner (after ``moves``, in the same transaction).
 
         ``crashed`` (the run died of an unexpected error) delays the next claim a little, so a job
         that always crashes cannot spin; its runs count towards the poison-job limit.
@@ -273,35 +270,23 @@ class JobStore(LeaseMixin):
         values: dict[str, Any] = {}
         if crashed:
             values["run_after"] = self.clock() + timedelta(seconds=5)
-        await self._move_job(job_id, owner, JobState.PENDING, detail=detail, **values)
+        await self.commit(job_id, owner, moves, end=ops.JobEnd(JobState.PENDING, detail, values))
 
     async def finish(
         self, job_id: str, owner: str, state: JobState, *, detail: str,
         error: dict[str, Any] | None = None, result: dict[str, Any] | None = None,
+        moves: Sequence[ops.StepMove] = (),
     ) -> None:
-        """End a RUNNING job in a terminal state."""
-        values: dict[str, Any] = {"error": error}
-        if result is not None:
-            values["result"] = result
-        await self._move_job(job_id, owner, state, detail=detail, **values)
+        """End a RUNNING job in a terminal state (after ``moves``, in the same transaction)."""
+        await self.commit(job_id, owner, moves, end=ops.JobEnd(state, detail, {"error": error}), result=result)
 
-    async def _move_job(self, job_id: str, owner: str, to: JobState, *, detail: str, **values: Any) -> None:
-        check_job_edge(JobState.RUNNING, to)
-        now = self.clock()
-        values.update(state=to, lease_owner=None, lease_expires_at=None, updated_at=now)
-        if to.is_terminal:
-            values["finished_at"] = now
-        async with self._write() as conn:
-            result = await conn.execute(
-                update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.state == JobState.RUNNING, jobs.c.lease_owner == owner)
-                .values(**values)
-            )
-            if result.rowcount != 1:
-                raise StaleTransition(f"job {job_id} is no longer RUNNING under {owner}")
-            await self._event(conn, job_id, None, JobState.RUNNING, to, detail)
-
-    # --- steps ------------------------------------------------------------------------------
+    async def commit(self, job_id: str, owner: str, moves: Sequence[ops.StepMove], *,
+                     end: ops.JobEnd | None = None, result: dict[str, Any] | None = None,
+                     renew: float | None = None) -> None:
+        """Commit step transitions, the job's end and a lease renewal as one compare-and-set
+        unit under the lease (``ops.commit``); raises StaleTransition if any of it is stale."""
+        await self._writer.run(ops.commit(job_id, owner, at=self.clock(), moves=moves, end=end,
+                                          result=result, renew=renew))
 
     async def move_step(
         self, job_id: str, owner: str, name: StepName, *, expected: StepState, to: StepState,
@@ -313,41 +298,14 @@ class JobStore(LeaseMixin):
         ``fail_job`` ends the job FAILED with the step's error in the same transaction too, so a
         crash can never leave a RUNNING job behind a FAILED step.
         """
-        check_step_edge(expected, to)
-        now = self.clock()
-        fields.update(state=to, updated_at=now)
-        if expected is StepState.PENDING:
-            fields.setdefault("started_at", now)
-        if to in (StepState.SUCCEEDED, StepState.SKIPPED, StepState.FAILED):
-            fields.setdefault("finished_at", now)
-        held = exists().where(jobs.c.id == job_id, jobs.c.lease_owner == owner,
-                              jobs.c.state == JobState.RUNNING)
-        async with self._write() as conn:
-            result = await conn.execute(
-                update(steps)
-                .where(steps.c.job_id == job_id, steps.c.name == name, steps.c.state == expected, held)
-                .values(**fields)
-            )
-            if result.rowcount != 1:
-                raise StaleTransition(f"step {name} of job {job_id} is not {expected} under {owner}")
-            # Any committed transition is progress: the streak of interrupted runs is over.
-            job_values: dict[str, Any] = {"updated_at": now, "recoveries": 0}
-            if job_result is not None:
-                job_values["result"] = job_result
-            if fail_job:
-                check_job_edge(JobState.RUNNING, JobState.FAILED)
-                job_values.update(state=JobState.FAILED, error=fields.get("error"), lease_owner=None,
-                                  lease_expires_at=None, finished_at=now)
-            await conn.execute(update(jobs).where(jobs.c.id == job_id).values(**job_values))
-            await self._event(conn, job_id, name, expected, to, detail)
-            if fail_job:
-                await self._event(conn, job_id, None, JobState.RUNNING, JobState.FAILED,
-                                  f"step {name} failed: {detail}")
+        end = (ops.JobEnd(JobState.FAILED, f"step {name} failed: {detail}", {"error": fields.get("error")})
+               if fail_job else None)
+        await self.commit(job_id, owner, [ops.StepMove(name, expected, to, detail, fields)], end=end,
+                          result=job_result)
 
     async def note(self, job_id: str, detail: str, *, step: StepName | None = None) -> None:
         """Log an event that changes no state (a retry, a poll result worth keeping)."""
-        async with self._write() as conn:
-            await self._event(conn, job_id, step, None, None, detail)
+        await self._writer.run(ops.note(job_id, detail, at=self.clock(), step=step))
 
     async def _event(
         self, conn: AsyncConnection, job_id: str, step: str | None, src: str | None,
@@ -367,30 +325,15 @@ class JobStore(LeaseMixin):
             return int((await conn.execute(query)).scalar_one())
 
 
+
 def _job(row: Any, step_rows: Iterable[Any]) -> Job:
-    parsed = {
-        StepName(s["name"]): Step(
-            name=StepName(s["name"]),
-            state=StepState(s["state"]),
-            resource_id=s["resource_id"],
-            resource_status=s["resource_status"],
-            request_name=s["request_name"],
-            extra=s["extra"] or {},
-            attempts=s["attempts"],
-            error=s["error"],
-            started_at=s["started_at"],
-            updated_at=s["updated_at"],
-            finished_at=s["finished_at"],
-        )
-        for s in step_rows
-    }
-    return Job(
-        id=row["id"], name=row["name"], state=JobState(row["state"]), spec=row["spec"],
-        kind=JobKind(row["kind"]), parent_id=row["parent_id"],
-        cancel_requested_at=row["cancel_requested_at"], started_at=row["started_at"],
-        steps=parsed, created_at=row["created_at"], updated_at=row["updated_at"],
-        spec_version=row["spec_version"], state_version=row["state_version"], error=row["error"],
-        result=row["result"], lease_owner=row["lease_owner"],
-        lease_expires_at=row["lease_expires_at"], recoveries=row["recoveries"],
-        finished_at=row["finished_at"],
-    )
+    return ops.job_from_row(row, step_rows)
+
+
+def _writer_for(engine: AsyncEngine, clock: Callable[[], datetime]) -> Writer:
+    if engine.dialect.name == "postgresql":
+        return PostgresWriter(engine)
+    database = engine.url.database
+    if not database or database == ":memory:":
+        raise UserError("fabricflow needs a database file, not an in-memory SQLite database")
+    return SQLiteWriter(str(Path(database).expanduser()), clock=clock)

@@ -142,6 +142,9 @@ async def test_whole_procedure_over_raw_http(emulator: RunningEmulator,
     stats = await api.stats()
     # Polling makes the exact request count timing-dependent: compare it with a floor.
     assert stats.pop("requests") >= 9
+    operations = stats.pop("operations")
+    creates = ("create_workspace", "create_endpoint", "create_model", "create_instance")
+    assert {op: operations[op] for op in creates} == dict.fromkeys(creates, 1)
     assert stats == {
         "created": {"workspace": {"apieworkspace": 1}, "endpoint": {"apie_test": 1},
                     "model": {"LLama3-8b": 1},

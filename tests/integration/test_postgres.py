@@ -9,7 +9,7 @@ import pytest
 from orchestrator.errors import StaleTransition, UserError
 from orchestrator.machine import JobState, StepName, StepState
 from orchestrator.store.jobs import JobStore
-from tests.conftest import make_spec
+from tests.conftest import ids, make_spec
 
 
 @pytest.fixture
@@ -35,16 +35,16 @@ async def test_concurrent_claims_never_share_a_job(pg_store, pg_url, spec_data):
     finally:
         for s in others:
             await s.close()
-    claimed = [job for batch in claims for job in batch]
+    claimed = [job.id for batch in claims for job in batch]
     assert len(claimed) == len(set(claimed)) == 30
     assert await pg_store.count(state=JobState.RUNNING) == 30
 
 
 async def test_stale_owner_cannot_move_a_reclaimed_job(pg_store, spec_data):
     job = await pg_store.submit(make_spec(spec_data))
-    assert await pg_store.claim_next("old", limit=1, lease=0.01) == [job.id]
+    assert ids(await pg_store.claim_next("old", limit=1, lease=0.01)) == [job.id]
     await asyncio.sleep(0.05)  # the lease expires
-    assert await pg_store.claim_next("new", limit=1, lease=30) == [job.id]
+    assert ids(await pg_store.claim_next("new", limit=1, lease=30)) == [job.id]
     with pytest.raises(StaleTransition):
         await pg_store.move_step(job.id, "old", StepName.WORKSPACE, expected=StepState.PENDING,
                                  to=StepState.IN_FLIGHT, detail="late write")

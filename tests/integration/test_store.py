@@ -10,32 +10,33 @@ from sqlalchemy import update
 
 from orchestrator.machine import JobState, StepName, StepState
 from orchestrator.store.schema import jobs
-from tests.conftest import make_spec
+from tests.conftest import ids, make_spec
 
 
 async def test_poison_job_ends_failed_after_too_many_interrupted_runs(store, spec_data):
     job = await store.submit(make_spec(spec_data))
-    for attempt in range(2):  # a run starts, then its daemon "crashes" (the lease just expires)
-        assert await store.claim_next(f"crash{attempt}", limit=1, lease=0.01) == [job.id]
-        assert await store.begin_run(job.id, f"crash{attempt}", max_runs=2) is True
-        await asyncio.sleep(0.03)
-    assert await store.claim_next("third", limit=1, lease=30) == [job.id]
-    assert await store.begin_run(job.id, "third", max_runs=2) is False
+    for attempt in range(2):  # a run starts (counted by its claim), then its daemon "crashes"
+        assert ids(await store.claim_next(f"crash{attempt}", limit=1, lease=0.01, max_runs=2)) == [job.id]
+        assert (await store.get(job.id)).recoveries == attempt + 1
+        await asyncio.sleep(0.03)  # the lease lapses
+    assert await store.claim_next("third", limit=1, lease=30, max_runs=2) == []
     failed = await store.get(job.id)
     assert failed.state is JobState.FAILED
     assert failed.error["code"] == "fabricflow.poison"
     assert "interrupted 2 times in a row without progress" in failed.error["message"]
+    assert (await store.events(job.id))[-1].to_state == "FAILED"
 
 
 async def test_progress_resets_the_poison_count_and_in_flight_steps_are_named(store, spec_data):
     job = await store.submit(make_spec(spec_data))
-    await store.claim(job.id, "a", lease=30)
-    assert await store.begin_run(job.id, "a", max_runs=1) is True
+    assert (await store.claim(job.id, "a", lease=0.01, max_runs=1)).recoveries == 1
     await store.move_step(job.id, "a", StepName.WORKSPACE, expected=StepState.PENDING,
                           to=StepState.IN_FLIGHT, detail="intent", request_name="ws")
     assert (await store.get(job.id)).recoveries == 0  # progress
-    assert await store.begin_run(job.id, "a", max_runs=1) is True
-    assert await store.begin_run(job.id, "a", max_runs=1) is False
+    await asyncio.sleep(0.03)
+    assert ids(await store.claim_next("b", limit=1, lease=0.01, max_runs=1)) == [job.id]
+    await asyncio.sleep(0.03)
+    assert await store.claim_next("c", limit=1, lease=30, max_runs=1) == []
     message = (await store.get(job.id)).error["message"]
     assert "step workspace was IN_FLIGHT" in message and f"fabricflow teardown {job.id[:8]}" in message
 
@@ -44,7 +45,7 @@ async def test_reclaim_all_takes_every_running_job_at_start_up(store, spec_data)
     a = await store.submit(make_spec(spec_data, name="a"))
     b = await store.submit(make_spec(spec_data, name="b"))
     await store.claim_next("dead", limit=2, lease=3600)  # leases far from expiry, holder gone
-    assert sorted(await store.reclaim_all("fresh", lease=30, is_dead=lambda o: o == "dead")) == sorted([a.id, b.id])
+    assert sorted(ids(await store.reclaim_all("fresh", lease=30, is_dead=lambda o: o == "dead"))) == sorted([a.id, b.id])
     assert {(await store.get(j.id)).lease_owner for j in (a, b)} == {"fresh"}
     assert "recovered by fresh (previous owner dead)" in (await store.events(a.id))[-1].detail
 
@@ -62,17 +63,17 @@ async def test_jobs_from_a_newer_fabricflow_wait_for_a_daemon_that_knows_them(st
     job = await store.submit(make_spec(spec_data))
     async with store.engine.begin() as conn:
         await conn.execute(update(jobs).where(jobs.c.id == job.id).values(state_version=99))
-    assert await store.claim_next("old-daemon", limit=5, lease=30) == []
+    assert ids(await store.claim_next("old-daemon", limit=5, lease=30)) == []
     assert (await store.get(job.id)).state is JobState.PENDING
 
 
 async def test_a_daemon_never_reclaims_a_job_it_is_running(store, spec_data):
     job = await store.submit(make_spec(spec_data))
-    assert await store.claim_next("me", limit=1, lease=0.01) == [job.id]
+    assert ids(await store.claim_next("me", limit=1, lease=0.01)) == [job.id]
     await asyncio.sleep(0.03)  # my heartbeat was starved; my runner is still alive
-    assert await store.claim_next("me", limit=1, lease=30, running={job.id}) == []
+    assert ids(await store.claim_next("me", limit=1, lease=30, running={job.id})) == []
     # ... but a lapsed job of mine that nobody runs any more (its hand-back failed) is taken again.
-    assert await store.claim_next("me", limit=1, lease=30) == [job.id]
+    assert ids(await store.claim_next("me", limit=1, lease=30)) == [job.id]
 
 
 async def test_renew_fences_a_runner_that_lost_its_lease(store, spec_data):
@@ -90,7 +91,7 @@ async def test_renew_fences_a_runner_that_lost_its_lease(store, spec_data):
 async def test_reclaim_all_leaves_a_live_holders_job_alone(store, spec_data):
     """A `fabricflow run` holding a job while a daemon starts on the same file keeps it."""
     job = await store.submit(make_spec(spec_data), owner="live-run", lease=30)
-    assert await store.reclaim_all("daemon", lease=30, is_dead=lambda o: False) == []
+    assert ids(await store.reclaim_all("daemon", lease=30, is_dead=lambda o: False)) == []
     assert (await store.get(job.id)).lease_owner == "live-run"
 
 

@@ -1,0 +1,401 @@
+"""The write operations of the hot path, one definition for both backends.
+
+Each operation is a generator run by the store's ``Writer``: it yields ``Sql`` statements,
+receives each one's ``Result`` and returns its value (or raises ``StaleTransition``, which
+rolls back that operation alone). The SQL is plain enough for SQLite and PostgreSQL alike;
+``{now}`` and ``{until}`` are the database's clock and a lease's end, ``{ids}`` a JSON list
+parameter ``:ids`` seen as rows, and ``{skip_locked}`` PostgreSQL's row locking for claims.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from orchestrator.domain import Job, Step
+from orchestrator.errors import StaleTransition
+from orchestrator.machine import (
+    STATE_TABLE_VERSION,
+    JobKind,
+    JobState,
+    StepName,
+    StepState,
+    check_job_edge,
+    check_step_edge,
+    order_of,
+)
+from orchestrator.spec import SPEC_VERSION
+from orchestrator.store.writer import Dialect, Op, Sql
+
+_EVENT = ("INSERT INTO events (job_id, at, step, from_state, to_state, detail) "
+          "VALUES (:job_id, :at, :step, :src, :dst, :detail)")
+
+
+def _event(job_id: str, at: datetime, detail: str, step: str | None = None,
+           src: str | None = None, dst: str | None = None) -> dict[str, Any]:
+    return {"job_id": job_id, "at": at, "step": step, "src": src, "dst": dst, "detail": detail}
+
+
+# --- submitting ------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A job to insert: its steps are the kind's, all PENDING."""
+
+    name: str
+    kind: JobKind
+    spec: dict[str, Any]
+    detail: str
+    parent_id: str | None = None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+_INSERT_JOB = (
+    "INSERT INTO jobs (id, name, kind, parent_id, state, spec, spec_version, state_version, recoveries,"
+    " lease_owner, lease_expires_at, started_at, created_at, updated_at) VALUES (:id, :name, :kind,"
+    " :parent_id, :state, :spec, :spec_version, :state_version, :recoveries, :owner, %s, :started_at,"
+    " :at, :at)")
+_INSERT_STEP = ("INSERT INTO steps (job_id, name, position, state, attempts, updated_at, extra) "
+                "VALUES (:job_id, :name, :position, 'PENDING', 0, :at, '{{}}')")
+
+
+def insert_jobs(new: Sequence[NewJob], *, at: datetime, owner: str | None = None,
+                lease: float = 30.0, notify: str | None = None) -> Callable[[Dialect], Op[list[str]]]:
+    """Insert jobs with their steps in one transaction; PENDING, or RUNNING under ``owner``
+    (``fabricflow run``: no moment in which a daemon could claim it first)."""
+
+    def op(d: Dialect) -> Op[list[str]]:
+        state = JobState.RUNNING if owner else JobState.PENDING
+        yield Sql(_INSERT_JOB % ("{until}" if owner else "NULL"), many=[{
+            "id": j.id, "name": j.name, "kind": str(j.kind), "parent_id": j.parent_id, "state": str(state),
+            "spec": j.spec, "spec_version": SPEC_VERSION, "state_version": STATE_TABLE_VERSION,
+            "recoveries": 1 if owner else 0, "owner": owner, "lease": lease,
+            "started_at": at if owner else None, "at": at} for j in new])
+        yield Sql(_INSERT_STEP, many=[{"job_id": j.id, "name": str(s), "position": i, "at": at}
+                                      for j in new for i, s in enumerate(order_of(j.kind))])
+        events = [_event(j.id, at, j.detail, dst=JobState.PENDING) for j in new]
+        if owner:
+            events += [_event(j.id, at, f"claimed by {owner}", src=JobState.PENDING, dst=JobState.RUNNING)
+                       for j in new]
+        yield Sql(_EVENT, many=events)
+        if notify and d.name == "postgresql":
+            yield Sql("SELECT pg_notify(:channel, :payload)", {"channel": notify, "payload": new[0].id})
+        return [j.id for j in new]
+
+    return op
+
+
+# --- a job's transitions ---------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class StepMove:
+    """One step's compare-and-set from ``expected`` to ``to``, with the columns it sets."""
+
+    name: StepName
+    expected: StepState
+    to: StepState
+    detail: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_step_edge(self.expected, self.to)
+
+
+@dataclass(frozen=True, slots=True)
+class JobEnd:
+    """The job leaves RUNNING (ends, or goes back to PENDING) in the same transaction."""
+
+    to: JobState
+    detail: str
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_job_edge(JobState.RUNNING, self.to)
+
+
+_STEP_COLUMNS = ("resource_id", "resource_status", "request_name", "extra", "attempts", "error",
+                 "run_after", "started_at", "finished_at")
+_JOB_COLUMNS = ("error", "result", "run_after")
+_HELD = "EXISTS (SELECT 1 FROM jobs WHERE id = :job_id AND lease_owner = :owner AND state = 'RUNNING')"
+
+
+def _step_sql(move: StepMove) -> str:
+    sets = ["state = :to", "updated_at = :at"]
+    for column in _STEP_COLUMNS:
+        if column in move.fields:
+            sets.append(f"{column} = :{column}")
+    if move.expected is StepState.PENDING and "started_at" not in move.fields:
+        sets.append("started_at = COALESCE(started_at, :at)")
+    if move.to in (StepState.SUCCEEDED, StepState.SKIPPED, StepState.FAILED) and "finished_at" not in move.fields:
+        sets.append("finished_at = :at")
+    return (f"UPDATE steps SET {', '.join(sets)} WHERE job_id = :job_id AND name = :name "
+            f"AND state = :expected AND {_HELD}")
+
+
+def commit(job_id: str, owner: str, *, at: datetime, moves: Sequence[StepMove] = (),
+           end: JobEnd | None = None, result: dict[str, Any] | None = None,
+           renew: float | None = None) -> Callable[[Dialect], Op[None]]:
+    """Commit a job's step transitions (in order), its end, and a lease renewal, as one unit.
+
+    Every move is a compare-and-set under the lease: if one misses, the whole unit is rolled
+    back and ``StaleTransition`` raised to its caller. Any committed transition is progress,
+    so the job's streak of interrupted runs (the poison count) is reset.
+    """
+
+    def op(d: Dialect) -> Op[None]:
+        events = []
+        for move in moves:
+            unknown = set(move.fields) - set(_STEP_COLUMNS)
+            if unknown:
+                raise ValueError(f"unknown step columns {sorted(unknown)}")
+            params = {**move.fields, "job_id": job_id, "owner": owner, "name": str(move.name),
+                      "expected": str(move.expected), "to": str(move.to), "at": at}
+            done = yield Sql(_step_sql(move), params)
+            if done.rowcount != 1:
+                raise StaleTransition(f"step {move.name} of job {job_id} is not {move.expected} under {owner}")
+            events.append(_event(job_id, at, move.detail, move.name, move.expected, move.to))
+        sets = ["updated_at = :at", "recoveries = 0"]
+        params: dict[str, Any] = {"job_id": job_id, "owner": owner, "at": at}
+        if result is not None:
+            sets.append("result = :result")
+            params["result"] = result
+        if end is not None:
+            sets += ["state = :state", "lease_owner = NULL", "lease_expires_at = NULL"]
+            params["state"] = str(end.to)
+            if end.to.is_terminal:
+                sets.append("finished_at = :at")
+            for column in _JOB_COLUMNS:
+                if column in end.values:
+                    sets.append(f"{column} = :{column}")
+                    params[column] = end.values[column]
+            events.append(_event(job_id, at, end.detail, None, JobState.RUNNING, end.to))
+        elif renew is not None:
+            sets.append("lease_expires_at = {until}")
+            params["lease"] = renew
+        done = yield Sql(f"UPDATE jobs SET {', '.join(sets)} WHERE id = :job_id AND lease_owner = :owner "
+                         "AND state = 'RUNNING'", params)
+        if done.rowcount != 1:
+            raise StaleTransition(f"job {job_id} is no longer RUNNING under {owner}")
+        if events:
+            yield Sql(_EVENT, many=events)
+
+    return op
+
+
+def note(job_id: str, detail: str, *, at: datetime, step: str | None = None) -> Callable[[Dialect], Op[None]]:
+    """Log an event that changes no state."""
+
+    def op(d: Dialect) -> Op[None]:
+        yield Sql(_EVENT, _event(job_id, at, detail, step))
+
+    return op
+
+
+# --- leases ----------------------------------------------------------------------------------
+
+def renew(job_id: str, owner: str, *, lease: float) -> Callable[[Dialect], Op[None]]:
+    """Extend one job's lease, or raise StaleTransition if ``owner`` no longer holds it."""
+
+    def op(d: Dialect) -> Op[None]:
+        done = yield Sql("UPDATE jobs SET lease_expires_at = {until} WHERE id = :job_id AND "
+                         "lease_owner = :owner AND state = 'RUNNING'",
+                         {"job_id": job_id, "owner": owner, "lease": lease})
+        if done.rowcount != 1:
+            raise StaleTransition(f"job {job_id} is no longer held by {owner}")
+
+    return op
+
+
+def heartbeat(owner: str, job_ids: Iterable[str], *, lease: float) -> Callable[[Dialect], Op[int]]:
+    """Extend the leases of ``job_ids`` that ``owner`` holds, in one statement; how many."""
+    ids = json.dumps(list(job_ids))
+
+    def op(d: Dialect) -> Op[int]:
+        done = yield Sql("UPDATE jobs SET lease_expires_at = {until} WHERE lease_owner = :owner AND "
+                         "state = 'RUNNING' AND id IN ({ids})", {"owner": owner, "ids": ids, "lease": lease})
+        return done.rowcount
+
+    return op
+
+
+def heartbeat_all(owner: str, *, lease: float) -> Callable[[Dialect], Op[int]]:
+    """Extend every lease ``owner`` holds; how many."""
+
+    def op(d: Dialect) -> Op[int]:
+        done = yield Sql("UPDATE jobs SET lease_expires_at = {until} WHERE lease_owner = :owner AND "
+                         "state = 'RUNNING'", {"owner": owner, "lease": lease})
+        return done.rowcount
+
+    return op
+
+
+def mark_progress(job_id: str, owner: str) -> Callable[[Dialect], Op[None]]:
+    """The run got a useful answer from Fabric: its streak of interrupted runs is over."""
+
+    def op(d: Dialect) -> Op[None]:
+        yield Sql("UPDATE jobs SET recoveries = 0 WHERE id = :job_id AND lease_owner = :owner "
+                  "AND recoveries > 0", {"job_id": job_id, "owner": owner})
+
+    return op
+
+
+_RUNNABLE = (
+    "SELECT id, state, lease_owner, recoveries FROM jobs WHERE ((state = 'PENDING' AND (run_after IS NULL"
+    " OR run_after <= {now})) OR (state = 'RUNNING' AND lease_expires_at < {now}))"
+    " AND spec_version <= :spec_version AND state_version <= :state_version"
+    " ORDER BY created_at LIMIT :limit {skip_locked}")
+_TAKE = (
+    "UPDATE jobs SET state = 'RUNNING', lease_owner = :owner, started_at = COALESCE(started_at, :at),"
+    " lease_expires_at = {until}, updated_at = :at, recoveries = recoveries + 1 WHERE id = :id"
+    " AND state = :state AND (lease_owner = :previous OR (lease_owner IS NULL AND CAST(:previous AS VARCHAR)"
+    " IS NULL))")
+_POISON = (
+    "UPDATE jobs SET state = 'FAILED', lease_owner = NULL, lease_expires_at = NULL, updated_at = :at,"
+    " finished_at = :at, error = :error WHERE id = :id AND state = :state")
+
+
+def claim(owner: str, *, limit: int, lease: float, max_runs: int, at: datetime,
+          running: Iterable[str] = ()) -> Callable[[Dialect], Op[list[Job]]]:
+    """Claim up to ``limit`` runnable jobs and count the run each starts; return their snapshots.
+
+    Runnable: PENDING (and due), or RUNNING with a lapsed lease. ``running`` are the jobs the
+    caller runs right now: never claimed again, even if their lease lapsed. A job whose runs
+    keep being interrupted before any progress ends FAILED once it has run ``max_runs`` times.
+    """
+    skip = set(running)
+
+    def op(d: Dialect) -> Op[list[Job]]:
+        found = yield Sql(_RUNNABLE, {"spec_version": SPEC_VERSION, "state_version": STATE_TABLE_VERSION,
+                                      "limit": limit + min(len(skip), 1000)})
+        rows = [r for r in found.rows if r["id"] not in skip][:limit]
+        return (yield from claim_rows(rows, owner, lease=lease, max_runs=max_runs, at=at))
+
+    return op
+
+
+def reclaim(owner: str, *, lease: float, max_runs: int, at: datetime,
+            is_dead: Callable[[str], bool]) -> Callable[[Dialect], Op[list[Job]]]:
+    """Take every RUNNING job whose holder is gone: its lease expired, or ``is_dead(owner)``."""
+
+    def op(d: Dialect) -> Op[list[Job]]:
+        found = yield Sql("SELECT id, state, lease_owner, recoveries, (lease_expires_at IS NULL OR "
+                          "lease_expires_at < {now}) AS lapsed FROM jobs WHERE state = 'RUNNING'")
+        rows = [r for r in found.rows if r["lease_owner"] is None or r["lease_owner"] == owner
+                or r["lapsed"] or is_dead(r["lease_owner"])]
+        return (yield from claim_rows(rows, owner, lease=lease, max_runs=max_runs, at=at))
+
+    return op
+
+
+def claim_rows(rows: list[dict[str, Any]], owner: str, *, lease: float, max_runs: int,
+               at: datetime) -> Op[list[Job]]:
+    """Take the jobs of ``rows`` (id, state, lease_owner, recoveries as read) under ``owner``:
+    a compare-and-set each, counting the run it starts, or failing it as a poison job."""
+    taken, events = [], []
+    for row in rows:
+        src = JobState(row["state"])
+        if row["recoveries"] >= max_runs:
+            message = yield from _poison_message(row["id"], row["recoveries"])
+            done = yield Sql(_POISON, {"id": row["id"], "state": str(src), "at": at, "error": {
+                "code": "fabricflow.poison", "message": message, "request_id": None}})
+            if done.rowcount == 1:
+                events.append(_event(row["id"], at, message, None, src, JobState.FAILED))
+            continue
+        done = yield Sql(_TAKE, {"id": row["id"], "state": str(src), "previous": row["lease_owner"],
+                                 "owner": owner, "lease": lease, "at": at})
+        if done.rowcount != 1:
+            continue
+        taken.append(row["id"])
+        detail = (f"recovered by {owner} (previous owner {row['lease_owner']})"
+                  if src is JobState.RUNNING else f"claimed by {owner}")
+        events.append(_event(row["id"], at, detail, None, src, JobState.RUNNING))
+    if events:
+        yield Sql(_EVENT, many=events)
+    return (yield from read_jobs(taken))
+
+
+def _poison_message(job_id: str, runs: int) -> Op[str]:
+    found = yield Sql("SELECT name FROM steps WHERE job_id = :job_id AND state = 'IN_FLIGHT' ORDER BY position",
+                      {"job_id": job_id})
+    open_steps = [r["name"] for r in found.rows]
+    maybe = (f"; step {', '.join(open_steps)} was IN_FLIGHT, so its resource may exist: `fabricflow "
+             f"retry {job_id[:8]}` adopts it, `fabricflow teardown {job_id[:8]}` deletes it"
+             if open_steps else "")
+    return (f"its run was interrupted {runs} times in a row without progress (crashes or lost "
+            f"leases); giving up on this poison job{maybe}")
+
+
+def read_jobs(job_ids: Sequence[str]) -> Op[list[Job]]:
+    """Snapshots of the jobs with their steps, read inside the operation's transaction."""
+    if not job_ids:
+        return []
+    ids = json.dumps(list(job_ids))
+    jobs = yield Sql("SELECT * FROM jobs WHERE id IN ({ids})", {"ids": ids})
+    steps = yield Sql("SELECT * FROM steps WHERE job_id IN ({ids})", {"ids": ids})
+    by_job: dict[str, list[dict[str, Any]]] = {}
+    for s in steps.rows:
+        by_job.setdefault(s["job_id"], []).append(s)
+    order = {job_id: i for i, job_id in enumerate(job_ids)}
+    return sorted((job_from_row(r, by_job.get(r["id"], [])) for r in jobs.rows), key=lambda j: order[j.id])
+
+
+# --- rows to snapshots -----------------------------------------------------------------------
+
+def _when(value: Any) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str | bytes) else value
+
+
+def step_from_row(s: Any) -> Step:
+    """A step snapshot from a row as any driver returns it."""
+    return Step(
+        name=StepName(s["name"]), state=StepState(s["state"]), resource_id=s["resource_id"],
+        resource_status=s["resource_status"], request_name=s["request_name"], extra=_json(s["extra"]) or {},
+        attempts=s["attempts"], error=_json(s["error"]), started_at=_when(s["started_at"]),
+        updated_at=_when(s["updated_at"]), finished_at=_when(s["finished_at"]),
+    )
+
+
+def job_from_row(row: Any, step_rows: Iterable[Any]) -> Job:
+    """A job snapshot from rows as any driver returns them (SQLAlchemy's or the raw driver's)."""
+    return Job(
+        id=row["id"], name=row["name"], state=JobState(row["state"]), spec=_json(row["spec"]),
+        kind=JobKind(row["kind"]), parent_id=row["parent_id"],
+        cancel_requested_at=_when(row["cancel_requested_at"]), started_at=_when(row["started_at"]),
+        steps={StepName(s["name"]): step_from_row(s) for s in step_rows},
+        created_at=_when(row["created_at"]), updated_at=_when(row["updated_at"]),  # type: ignore[arg-type]
+        spec_version=row["spec_version"], state_version=row["state_version"], error=_json(row["error"]),
+        result=_json(row["result"]), lease_owner=row["lease_owner"],
+        lease_expires_at=_when(row["lease_expires_at"]), recoveries=row["recoveries"],
+        finished_at=_when(row["finished_at"]),
+    )
+
+
+def applied(job: Job, moves: Sequence[StepMove], *, at: datetime) -> Job:
+    """The snapshot after ``moves`` were committed: the runner knows what it wrote."""
+    from dataclasses import replace
+
+    steps = dict(job.steps)
+    for move in moves:
+        old = steps[move.name]
+        values: dict[str, Any] = {k: v for k, v in move.fields.items() if k in Step.__slots__}
+        values.update(state=move.to, updated_at=at)
+        if move.expected is StepState.PENDING and old.started_at is None:
+            values.setdefault("started_at", at)
+        if move.to in (StepState.SUCCEEDED, StepState.SKIPPED, StepState.FAILED):
+            values.setdefault("finished_at", at)
+        if values.get("extra") is None and "extra" in values:
+            values["extra"] = {}
+        steps[move.name] = replace(old, **values)
+    return replace(job, steps=steps, updated_at=at, recoveries=0)
