@@ -18,11 +18,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import sqlite3
 import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import exc as sa_exc
@@ -89,23 +90,29 @@ class Writer(Protocol):
 
 def sqlite_timestamp(value: datetime) -> str:
     """A datetime in the text form SQLAlchemy stores on SQLite (UTC, no offset, microseconds)."""
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    # isoformat is several times cheaper than strftime, and this runs for every parameter.
+    return value.replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
 
 
-def _sqlite_value(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return sqlite_timestamp(value)
-    if isinstance(value, dict | list):
-        import json
-
-        return json.dumps(value)
-    return value
+def _sqlite_params(params: dict[str, Any], extra: dict[str, Any], memo: dict[datetime, str]) -> dict[str, Any]:
+    out = dict(extra)
+    for key, value in params.items():
+        kind = type(value)
+        if kind is datetime:
+            text = memo.get(value)
+            if text is None:
+                text = memo[value] = sqlite_timestamp(value)
+            value = text
+        elif kind is dict or kind is list:
+            value = json.dumps(value)
+        out[key] = value
+    return out
 
 
 def _pg_value(value: Any) -> Any:
     if isinstance(value, dict | list):
-        import json
-
         return json.dumps(value)
     return value
 
@@ -211,67 +218,81 @@ class SQLiteWriter:
         return rendered
 
     def _commit(self, conn: sqlite3.Connection | None, batch: list[Any]) -> list[tuple[bool, Any]]:
+        """Run the batch in one transaction; each operation's outcome, in order.
+
+        No savepoint per operation (two statements each): an operation that fails before it
+        changed a row (a compare-and-set that missed, the usual case) needs no undo. One that
+        fails after changing rows rolls the whole transaction back; the batch then runs again
+        without it, so it still fails alone.
+        """
         if conn is None:
             error = _wrap(self._open_error or RuntimeError("no connection"), "connect")
             return [(False, error)] * len(batch)
-        outcomes: list[tuple[bool, Any]] = []
+        failed: dict[int, BaseException | None] = {i: None for i, (_, f, _) in enumerate(batch) if f.cancelled()}
         now = self._clock()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            return [(False, _wrap(exc, "BEGIN IMMEDIATE"))] * len(batch)
-        statements = 0
-        try:
-            for op_factory, future, _loop in batch:
-                if future.cancelled():
-                    outcomes.append((False, None))
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                return [(False, _wrap(exc, "BEGIN IMMEDIATE"))] * len(batch)
+            outcomes: list[tuple[bool, Any]] = []
+            statements = 0
+            rerun = False
+            try:
+                for i, (op_factory, _future, _loop) in enumerate(batch):
+                    if i in failed:
+                        outcomes.append((False, failed[i]))
+                        continue
+                    changes = conn.total_changes
+                    try:
+                        value, count = self._drive(conn, op_factory, now)
+                    except Exception as exc:  # noqa: BLE001 - this caller's own error, e.g. StaleTransition
+                        error = _wrap(exc, "operation")
+                        if not conn.in_transaction:  # the driver ended the transaction: all of it fails
+                            raise
+                        if conn.total_changes != changes:  # half done: undo all, run the rest again
+                            failed[i] = error
+                            rerun = True
+                            break
+                        outcomes.append((False, error))
+                    else:
+                        statements += count
+                        outcomes.append((True, value))
+                if rerun:
+                    conn.execute("ROLLBACK")
                     continue
-                conn.execute("SAVEPOINT op")
-                try:
-                    value, count = self._drive(conn, op_factory, now)
-                    statements += count
-                except sqlite3.Error as exc:
-                    conn.execute("ROLLBACK TO op")
-                    outcomes.append((False, _wrap(exc, "operation")))
-                except Exception as exc:  # noqa: BLE001 - the caller's own error, e.g. StaleTransition
-                    conn.execute("ROLLBACK TO op")
-                    outcomes.append((False, exc))
-                else:
-                    outcomes.append((True, value))
-                conn.execute("RELEASE op")
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            return [(False, _wrap(exc, "COMMIT"))] * len(batch)
-        self._batches += 1
-        self._ops += len(batch)
-        self._statements += statements
-        return outcomes
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                return [(False, _wrap(exc, "COMMIT"))] * len(batch)
+            self._batches += 1
+            self._ops += len(batch)
+            self._statements += statements
+            return outcomes
 
     def _drive(self, conn: sqlite3.Connection, op_factory: Any, now: datetime) -> tuple[Any, int]:
         gen = op_factory(self)
         count = 0
+        extra = {"now": sqlite_timestamp(now)}
+        memo: dict[datetime, str] = {}  # an operation's statements share their timestamps
         try:
             sql = next(gen)
             while True:
                 count += 1
                 query = self._render(sql.text)
-                extra = {"now": sqlite_timestamp(now)}
-                if sql.many is not None:
-                    rows_in = [{k: _sqlite_value(v) for k, v in p.items()} for p in sql.many]
+                if sql.many is not None and len(sql.many) != 1:
+                    rows_in = [_sqlite_params(p, extra, memo) for p in sql.many]
                     if "{until}" in sql.text:
-                        for p in rows_in:
-                            p["until"] = sqlite_timestamp(now + _seconds(p["lease"]))
-                    for p in rows_in:
-                        p.update(extra)
+                        for p, original in zip(rows_in, sql.many, strict=True):
+                            p["until"] = sqlite_timestamp(now + timedelta(seconds=float(original["lease"])))
                     cursor = conn.executemany(query, rows_in)
                     result = Result(cursor.rowcount, [])
                 else:
-                    params = {k: _sqlite_value(v) for k, v in sql.params.items()}
-                    params.update(extra)
+                    single = sql.params if sql.many is None else sql.many[0]
+                    params = _sqlite_params(single, extra, memo)
                     if "{until}" in sql.text:
-                        params["until"] = sqlite_timestamp(now + _seconds(sql.params["lease"]))
+                        params["until"] = sqlite_timestamp(now + timedelta(seconds=float(single["lease"])))
                     cursor = conn.execute(query, params)
                     if cursor.description is not None:
                         names = [d[0] for d in cursor.description]
@@ -390,12 +411,6 @@ class PostgresWriter:
                 sql = gen.send(result)
         except StopIteration as stop:
             return stop.value, count
-
-
-def _seconds(value: float) -> Any:
-    from datetime import timedelta
-
-    return timedelta(seconds=float(value))
 
 
 def _wrap(exc: BaseException, statement: str) -> BaseException:
