@@ -284,3 +284,13 @@ def backoff(
     ceiling = min(cap, base * (2.0**exponent))
     jitter = (rng or random).uniform(0.5, 1.0)
     return ceiling * jitter
+
+
+def poll_delay(polls: int, *, initial: float, cap: float, rng: random.Random | None = None) -> float:
+    """The wait before the next status poll: ``initial`` doubling to ``cap``, jitter only added.
+
+    Unlike ``backoff``, jitter never shortens the wait (up to a quarter longer): the configured
+    interval is a floor, so a resource is never read more often than configured.
+    """
+    exponent = min(max(0, polls - 1), 64)
+    return min(cap, initial * (2.0**exponent)) * (rng or random).uniform(1.0, 1.25)

@@ -25,7 +25,7 @@ from orchestrator.errors import (
 from orchestrator.fabric.client import FabricClient
 from orchestrator.fabric.models import RUNNING
 from orchestrator.spec import JobSpec, Reuse
-from orchestrator.machine import ROWS, Action, StepName, StepState, backoff
+from orchestrator.machine import ROWS, Action, StepName, StepState, poll_delay
 
 if TYPE_CHECKING:
     from orchestrator.engine.runner import Context, Runner
@@ -110,8 +110,9 @@ async def _look(rt: Runner, ctx: Context, name: StepName, ops: CreateStep, state
                 request_name: str, marker: str) -> bool:
     """Look the resource up by exact name and marker: adopt this job's own, settle a same-named
     one that is not (adopt or refuse); False when there is none and a create may go ahead."""
+    # Whatever it finds, a commit follows (an intent, an adoption, a failure): that commit ends
+    # the streak of interrupted runs, so the answer needs no write of its own.
     matches = await ops.find(rt.client, ctx.job, request_name)
-    await rt.progressed(ctx)
     ours = [m for m in matches if marker in (m.description or "")]
     if len(ours) > 1:
         ids = ", ".join(m.id for m in ours)
@@ -254,7 +255,7 @@ async def _poll_until_running(rt: Runner, ctx: Context, name: StepName, ops: Pol
         if slept:
             continue
         polls += 1
-        delay = backoff(polls, base=initial, cap=cap, rng=rt.rng)
+        delay = poll_delay(polls, initial=initial, cap=cap, rng=rt.rng)
         await rt.sleep(ctx, min(delay, max(0.0, (deadline - now).total_seconds()) + 0.01))
 
 

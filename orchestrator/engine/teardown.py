@@ -16,7 +16,7 @@ from orchestrator.domain import Job, ownership_marker
 from orchestrator.engine.steps import CREATE_STEPS
 from orchestrator.errors import NeedsReconcileError, RetryableError, TerminalError
 from orchestrator.fabric.client import FabricClient
-from orchestrator.machine import StepName, StepState, backoff
+from orchestrator.machine import StepName, StepState, backoff, poll_delay
 
 if TYPE_CHECKING:
     from orchestrator.engine.runner import Context, Runner
@@ -164,5 +164,5 @@ async def _wait_gone(rt: Runner, ctx: Context, ops: DeleteStep, workspace_id: st
                 raise TerminalError(f"{ops.kind} {target} was still not gone after "
                                     f"{rt.settings.teardown_timeout:.0f}s", code="fabricflow.timeout")
             polls += 1
-            await rt.sleep(ctx, backoff(polls, base=rt.settings.poll_initial, cap=rt.settings.poll_max,
+            await rt.sleep(ctx, poll_delay(polls, initial=rt.settings.poll_initial, cap=rt.settings.poll_max,
                                         rng=rt.rng))
