@@ -1,10 +1,12 @@
 """The torture suite at full size, from the command line; prints a JSON summary on stdout.
 
     python benchmarks/torture.py --jobs 100 --kills 20 --fail-rate 0.1 --drop-rate 0.1 --seed 1
+    python benchmarks/torture.py --db postgresql+asyncpg://postgres@127.0.0.1/EMPTY_DB --daemons 3
 
 A real emulator (with the given fault rates) and a real daemon run on loopback; the daemon is
 killed with SIGKILL ``--kills`` times, mostly while creates are in flight, then finishes every
-job. Exit code 0 when every invariant holds (no job lost, no failure, nothing created twice,
+job. With ``--daemons N`` (PostgreSQL only) N daemons share the jobs; each round kills one of
+them and restarts it, and the others take its jobs over once their leases lapse. Exit code 0 when every invariant holds (no job lost, no failure, nothing created twice,
 every recorded ID exists, every event path legal), 1 otherwise; the broken ones are listed in
 ``violations``. See tests/torture/scenario.py.
 """
@@ -17,6 +19,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -45,15 +48,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instance-ready-after", type=float, default=0.5, help="instance readiness, s")
     parser.add_argument("--finish-timeout", type=float, default=600.0,
                         help="seconds the last daemon gets to finish every job")
+    parser.add_argument("--db", default=None, metavar="URL",
+                        help="the jobs database: sqlite+aiosqlite:///FILE or postgresql+asyncpg://USER@HOST/DB, "
+                             "migrated here and holding no jobs yet (default: a SQLite file in the workdir)")
+    parser.add_argument("--daemons", type=int, default=1,
+                        help="daemons running at once (default 1; more than 1 needs a PostgreSQL --db)")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="each daemon's job concurrency (default: the shipped setting with one "
+                             "daemon; a little more than jobs/daemons with several)")
     parser.add_argument("--max-recoveries", type=int, default=None,
                         help="the daemon's poison-job limit (default: the shipped setting)")
     parser.add_argument("--workdir", type=Path, default=None,
-                        help="keep the database, specs and daemon logs here (default: a temporary "
+                        help="keep the SQLite database, specs and daemon logs here (default: a temporary "
                              "directory, removed unless an invariant is broken)")
     parser.add_argument("--brief", action="store_true", help="leave the per-kill log out of the JSON")
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.kills < 0:
         parser.error("--jobs must be >= 1 and --kills >= 0")
+    if args.daemons < 1 or (args.concurrency is not None and args.concurrency < 1):
+        parser.error("--daemons and --concurrency must be >= 1")
+    backend = urlsplit(args.db).scheme.split("+")[0] if args.db else "sqlite"
+    if backend not in ("sqlite", "postgresql", "postgres"):
+        parser.error(f"--db {args.db!r}: use a sqlite+aiosqlite:///FILE or postgresql+asyncpg://USER@HOST/DB URL")
+    if args.daemons > 1 and backend == "sqlite":
+        parser.error(f"--daemons {args.daemons} needs PostgreSQL: fabricflow runs one daemon per SQLite file; "
+                     "pass --db postgresql+asyncpg://USER@HOST/DB (an empty database)")
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fabricflow-torture-"))
     summary = run_torture(
@@ -61,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         slow_rate=args.slow_rate, seed=args.seed, workdir=workdir, cut_rate=args.cut_rate,
         ready_after=args.ready_after, instance_ready_after=args.instance_ready_after,
         finish_timeout=args.finish_timeout, max_recoveries=args.max_recoveries,
+        db_url=args.db, daemons=args.daemons, concurrency=args.concurrency,
     )
     broken = bool(summary["violations"])
     if args.brief:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import click
@@ -16,11 +16,19 @@ from sqlalchemy.exc import DBAPIError
 
 from orchestrator import logs
 from orchestrator.config import Settings, load_settings
-from orchestrator.domain import Event
-from orchestrator.errors import OrchestratorError, UserError
+from orchestrator.domain import Event, Job
+from orchestrator.errors import NotFoundError, OrchestratorError, UserError
 from orchestrator.machine import JobState
 from orchestrator.render import ProgressPrinter, format_event, format_job, format_jobs
-from orchestrator.spec import Reuse, load_spec
+from orchestrator.spec import (
+    JobSpec,
+    Reuse,
+    has_index,
+    load_spec,
+    parse_copies,
+    read_spec_data,
+    resource_names,
+)
 from orchestrator.store import db
 from orchestrator.store.jobs import JobStore
 
@@ -205,37 +213,158 @@ async def _tick(store: JobStore, job_id: str, printer: ProgressPrinter) -> None:
             printer.line(f"{step.name:<17} still {step.state}{status}")
 
 
+#: The most jobs one ``submit`` creates: its one transaction stays short, its specs fit in memory.
+MAX_JOBS = 100_000
+
+
 @main.command()
-@click.argument("spec_file", metavar="SPEC", type=click.Path(dir_okay=False))
-@click.option("--wait", is_flag=True, help="Wait until a daemon finishes the job; exit 1 if it fails.")
-@click.option("--json", "as_json", is_flag=True, help="Print the job object instead of its ID.")
+@click.argument("spec_files", metavar="SPEC...", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--count", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help=f"Submit N copies of each SPEC (at most {MAX_JOBS} jobs in all); "
+                   "{index} in a spec's strings numbers them.")
+@click.option("--wait", is_flag=True, help="Wait until a daemon has finished every job; exit 1 if any fails.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the job object instead of its ID (a JSON array of them for several jobs).")
 @global_options
 @click.pass_context
-def submit(ctx: click.Context, spec_file: str, wait: bool, as_json: bool) -> None:
-    """Validate SPEC and enqueue it for a daemon; prints the new job's ID."""
+def submit(ctx: click.Context, spec_files: tuple[str, ...], count: int, wait: bool, as_json: bool) -> None:
+    """Validate each SPEC and enqueue it for a daemon; prints the new jobs' IDs, one per line.
+
+    With --count N every SPEC is submitted N times. {index} in any string of a spec becomes the
+    job's number in this command (0, 1, 2, ..., counting on across the SPECs in order), so that
+    each copy creates resources of its own; --count refuses a spec whose resource names lack it.
+    Quote such strings in YAML ("ws-{index}"): there an unquoted { starts a mapping.
+
+    \b
+    For example, with   workspace: {name: "ws-{index}"}   in spec.yaml:
+      fabricflow submit spec.yaml --count 100      # 100 jobs: workspaces ws-0 ... ws-99
+      fabricflow submit a.yaml b.yaml              # two jobs, IDs in this order
+
+    Every copy of every SPEC is checked before anything is written, and the jobs are committed
+    in one transaction: either all of them are submitted or, on any error, none.
+    """
     settings = settings_from(ctx)
-    spec = load_spec(spec_file)
+    specs = specs_from_files(spec_files, count=count)
+    if not run_async(_submit(settings, specs, wait=wait, as_json=as_json)):
+        ctx.exit(EXIT_FAILED)
 
-    async def go() -> Any:
-        if not settings.is_embedded and _reuses(spec):
-            # A real (or separate) Fabric: check reused IDs now, before anything is written.
-            from orchestrator.engine.procedure import check_reused
-            from orchestrator.wiring import client_for, fabric_target
 
-            async with fabric_target(settings) as target, client_for(settings, target) as client:
-                await check_reused(client, spec)
-        store = await _open(settings)
+def specs_from_files(paths: Sequence[str], *, count: int = 1) -> list[JobSpec]:
+    """``count`` validated copies of each spec file, ``{index}`` numbering them across the files.
+
+    Raises one UserError naming every bad file (or first bad copy of one), before anything is written.
+    """
+    if count * len(paths) > MAX_JOBS:
+        asked = f"--count {count}" if len(paths) == 1 else f"{len(paths)} specs x --count {count}"
+        raise UserError(f"{asked} is {count * len(paths)} jobs, more than one submit takes "
+                        f"({MAX_JOBS}); split them over several commands")
+    specs: list[JobSpec] = []
+    problems: list[str] = []
+    for n, path in enumerate(paths):
         try:
-            job = await store.submit(spec)
-            if not wait:
-                return job
-            if not as_json:
-                click.echo(job.id)
-            return await _follow(store, job.id, printer=True)
-        finally:
-            await store.close()
+            data = read_spec_data(path)
+            _check_names_differ(data, path, count)
+            specs += parse_copies(data, range(n * count, (n + 1) * count), path)
+        except UserError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise UserError("\n".join(problems))
+    return specs
 
-    finish_submitted(ctx, run_async(go()), as_json=as_json, wait=wait)
+
+def _check_names_differ(data: Any, path: str, count: int) -> None:
+    """Refuse copies of a spec that would all create resources of the same names."""
+    names = resource_names(data)
+    if count > 1 and names and not any(has_index(name) for name in names.values()):
+        raise UserError(f"{path}: --count {count} would give every copy the same resource names "
+                        f"({', '.join(names)}), so the jobs would collide; put {{index}} in at least one, "
+                        'e.g. name: "ws-{index}"')
+
+
+async def _submit(settings: Settings, specs: list[JobSpec], *, wait: bool, as_json: bool) -> bool:
+    """Submit every spec in one transaction and print the IDs or jobs; False if a waited job failed."""
+    await _check_reused(settings, specs)
+    store = await _open(settings)
+    try:
+        ids = await store.submit_many(specs)
+        if not as_json:
+            click.echo("\n".join(ids))
+        if not wait:
+            if as_json:
+                _emit_jobs([await store.get(job_id) for job_id in ids])
+            return True
+        if len(ids) == 1:
+            jobs = [await _follow(store, ids[0], printer=True)]
+        else:
+            jobs = await _wait_for_all(store, ids)
+        if as_json:
+            _emit_jobs(jobs)
+        return all(job.state is JobState.SUCCEEDED for job in jobs)
+    finally:
+        await store.close()
+
+
+def _emit_jobs(jobs: list[Job]) -> None:
+    """One job as a JSON object, several as a JSON array of them."""
+    emit_json(jobs[0].as_json() if len(jobs) == 1 else [job.as_json() for job in jobs])
+
+
+async def _check_reused(settings: Settings, specs: list[JobSpec]) -> None:
+    """On a real (or separate) Fabric, check that the resources the specs reuse exist, once for
+    each distinct set of reused IDs (copies of one spec share theirs), before anything is written."""
+    distinct = {_reused_ids(spec): spec for spec in specs if _reuses(spec)}
+    if settings.is_embedded or not distinct:
+        return
+    from orchestrator.engine.procedure import check_reused
+    from orchestrator.wiring import client_for, fabric_target
+
+    async with fabric_target(settings) as target, client_for(settings, target) as client:
+        for spec in distinct.values():
+            await check_reused(client, spec)
+
+
+_REUSABLE = ("workspace", "endpoint", "model")
+
+
+def _reuses(spec: Any) -> bool:
+    return any(isinstance(getattr(spec, key), Reuse) for key in _REUSABLE)
+
+
+def _reused_ids(spec: JobSpec) -> tuple[str | None, ...]:
+    return tuple(part.id if isinstance(part := getattr(spec, key), Reuse) else None for key in _REUSABLE)
+
+
+async def _wait_for_all(store: JobStore, ids: list[str]) -> list[Job]:
+    """Wait until every job has ended, printing one line on stderr as each does; the final jobs."""
+    ended: dict[str, Job] = {}
+    while True:
+        pending = [job_id for job_id in ids if job_id not in ended]
+        states = await _states(store, pending)
+        for job_id in pending:
+            if job_id not in states:
+                raise NotFoundError(f"job {job_id} is no longer in the database")
+            if states[job_id].is_terminal:
+                ended[job_id] = job = await store.get(job_id)
+                error = f": {job.error['message']}" if job.error else ""
+                click.echo(f"job {job.id[:8]} ({job.name}) {job.state}{error}", err=True)
+        if len(ended) == len(ids):
+            return [ended[job_id] for job_id in ids]
+        await asyncio.sleep(0.5)
+
+
+async def _states(store: JobStore, ids: list[str]) -> dict[str, JobState]:
+    """The current state of each job, read in a few queries rather than one per job."""
+    # JobStore reads one job at a time; this bulk read belongs there once the store is reopened.
+    from sqlalchemy import select
+
+    from orchestrator.store.schema import jobs
+
+    found: dict[str, JobState] = {}
+    async with store.engine.connect() as conn:
+        for start in range(0, len(ids), 500):  # within every database's bound-parameter limit
+            query = select(jobs.c.id, jobs.c.state).where(jobs.c.id.in_(ids[start:start + 500]))
+            found.update((job_id, JobState(state)) for job_id, state in await conn.execute(query))
+    return found
 
 
 def finish_submitted(ctx: click.Context, job: Any, *, as_json: bool, wait: bool) -> None:
@@ -246,10 +375,6 @@ def finish_submitted(ctx: click.Context, job: Any, *, as_json: bool, wait: bool)
         click.echo(job.id)
     if wait and job.state is not JobState.SUCCEEDED:
         ctx.exit(EXIT_FAILED)
-
-
-def _reuses(spec: Any) -> bool:
-    return any(isinstance(getattr(spec, key), Reuse) for key in ("workspace", "endpoint", "model"))
 
 
 async def follow_events(store: JobStore, job_id: str, *, after: int = 0) -> AsyncIterator[Event]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -228,8 +229,8 @@ def parse_spec(data: Any, source: str = "spec") -> JobSpec:
         raise UserError(format_validation_error(exc, source)) from None
 
 
-def load_spec(path: str | Path) -> JobSpec:
-    """Read a YAML or JSON spec file and validate it."""
+def read_spec_data(path: str | Path) -> Any:
+    """Read a YAML or JSON spec file as plain data, not yet validated (see ``parse_spec``)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -238,12 +239,94 @@ def load_spec(path: str | Path) -> JobSpec:
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read: {exc}") from None
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise UserError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
                         f"{_first_line(exc)}") from None
-    return parse_spec(data, str(path))
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read a YAML or JSON spec file and validate it."""
+    return parse_spec(read_spec_data(path), str(path))
 
 
 def _first_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
+
+
+# --- templating: many jobs from one spec --------------------------------------------------------
+
+#: Replaced, in every string of a spec, by the job's index among those one command submits.
+INDEX = "{index}"
+
+#: The parts of a spec naming a resource the job creates (unless it reuses one by ``id``).
+RESOURCE_PARTS = ("workspace", "endpoint", "model", "service_instance")
+
+
+def with_index(data: Any, index: int) -> Any:
+    """``data`` with ``{index}`` replaced by ``index`` in every string value (not in keys).
+
+    Pure: ``data`` is not changed, and parts without ``{index}`` are shared, not copied.
+    """
+    if isinstance(data, str):
+        return data.replace(INDEX, str(index)) if INDEX in data else data
+    if isinstance(data, dict):
+        return {key: with_index(value, index) for key, value in data.items()}
+    if isinstance(data, list):
+        return [with_index(value, index) for value in data]
+    return data
+
+
+def has_index(data: Any) -> bool:
+    """True when some string value in ``data`` contains ``{index}``."""
+    if isinstance(data, str):
+        return INDEX in data
+    if isinstance(data, dict):
+        return any(has_index(value) for value in data.values())
+    if isinstance(data, list):
+        return any(has_index(value) for value in data)
+    return False
+
+
+def resource_names(data: Any) -> dict[str, Any]:
+    """``{"workspace.name": value, ...}`` for each resource raw spec data creates by name.
+
+    Parts reused by ``id``, missing or malformed are left out (validation reports the latter).
+    """
+    parts = data if isinstance(data, dict) else {}
+    return {f"{key}.name": part["name"] for key in RESOURCE_PARTS
+            if isinstance(part := parts.get(key), dict) and "id" not in part and "name" in part}
+
+
+def parse_copies(data: Any, indices: Sequence[int], source: str = "spec") -> list[JobSpec]:
+    """Validate ``with_index(data, i)`` for each index, as ``parse_spec`` would, but quicker.
+
+    The first copy is validated in full. The parts of ``data`` without ``{index}`` are the same
+    in every copy, so their validated models from the first copy stand in for them in the others
+    (pydantic accepts a model instance as it is); only the templated parts are validated again.
+    Errors name the copy: ``source (index 7): workspace.name: ...``.
+    """
+    if not indices:
+        return []
+    label = (lambda i: f"{source} (index {i})") if len(indices) > 1 else (lambda i: source)
+    first = parse_spec(with_index(data, indices[0]), label(indices[0]))
+    if not has_index(data):
+        return [first] * len(indices)  # frozen models: one instance can stand for every copy
+    frame = _share_validated(data, first)
+    return [first, *(parse_spec(with_index(frame, i), label(i)) for i in indices[1:])]
+
+
+def _share_validated(raw: Any, done: Any) -> Any:
+    """``raw`` with each part that has no ``{index}`` replaced by its validated model from
+    ``done`` (the validated first copy); sound because a part's validation depends only on it."""
+    if isinstance(done, BaseModel) and not has_index(raw):
+        return done
+    if isinstance(raw, dict) and isinstance(done, BaseModel):
+        fields = type(done).model_fields
+        return {key: _share_validated(value, getattr(done, key) if key in fields else None)
+                for key, value in raw.items()}
+    if isinstance(raw, dict) and isinstance(done, dict):
+        return {key: _share_validated(value, done.get(key)) for key, value in raw.items()}
+    if isinstance(raw, list) and isinstance(done, list) and len(raw) == len(done):
+        return [_share_validated(value, item) for value, item in zip(raw, done, strict=True)]
+    return raw

@@ -179,11 +179,13 @@ class Daemon:
                     free = min(cfg.concurrency - len(self.tasks), CLAIM_BATCH)
                     pause = cfg.claim_interval
                     try:
-                        for job in await self.store.claim_next(self.owner, limit=free, lease=cfg.lease_seconds,
-                                                               running=set(self.tasks),
-                                                               max_runs=cfg.max_recoveries):
+                        claimed = await self.store.claim_next(self.owner, limit=free, lease=cfg.lease_seconds,
+                                                              running=set(self.tasks), max_runs=cfg.max_recoveries)
+                        for job in claimed:
                             self._spawn(job)
                         failures = 0
+                        if claimed and len(claimed) == free:
+                            pause = 0.0  # a full batch: more may be waiting; claim again at once
                     except (DBAPIError, SQLAlchemyTimeoutError, OSError) as exc:
                         # A locked file, a failover, a full pool: survivable; keep running jobs and retry.
                         failures += 1
@@ -193,7 +195,9 @@ class Daemon:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), timeout=pause)
                 await self._drain()
-        log.info("daemon_stopped", owner=self.owner)
+        writes = self.store.writer.stats()
+        log.info("daemon_stopped", owner=self.owner, write_commits=writes.batches,
+                 write_operations=writes.operations, write_statements=writes.statements)
 
     def _spawn(self, job: Job) -> None:
         job_id = job.id

@@ -11,6 +11,7 @@ import asyncio
 import random
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import structlog
@@ -83,6 +84,24 @@ class EngineSettings:
         return dict(self.attempts_per_step).get(str(step), self.max_attempts)
 
 
+class StopSignal(asyncio.Event):
+    """The runner's stop signal: an ``asyncio.Event`` that also wakes every sleeping job."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._hooks: list[Callable[[], None]] = []
+
+    def on_set(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` when the signal is set."""
+        self._hooks.append(hook)
+
+    def set(self) -> None:
+        """Set the event and run the hooks."""
+        super().set()
+        for hook in self._hooks:
+            hook()
+
+
 class Released(Exception):
     """The runner stopped at a safe point because its daemon is draining."""
 
@@ -140,9 +159,12 @@ class Runner:
         self.settings = settings
         self.poller = poller or SharedPoller(min_interval=min(settings.poll_initial, 1.0))
         self.observer: Observer = observer or NullObserver()
-        self.stop = stop or asyncio.Event()
+        self.stop = stop or StopSignal()
         self.rng = rng or random.Random()
         self._cancels: dict[str, asyncio.Event] = {}
+        self._sleepers: dict[str, asyncio.Future[None]] = {}  # a sleeping job's wake-up
+        if isinstance(self.stop, StopSignal):
+            self.stop.on_set(self._wake_all)
 
     def active(self) -> list[str]:
         """IDs of the jobs this runner is running right now."""
@@ -153,6 +175,16 @@ class Runner:
         event = self._cancels.get(job_id)
         if event is not None:
             event.set()
+            self._wake(job_id)
+
+    def _wake(self, job_id: str) -> None:
+        sleeper = self._sleepers.get(job_id)
+        if sleeper is not None and not sleeper.done():
+            sleeper.set_result(None)
+
+    def _wake_all(self) -> None:
+        for job_id in list(self._sleepers):
+            self._wake(job_id)
 
     async def run(self, job: Job | str) -> JobState:
         """Advance a job this runner's owner has claimed until it ends or the runner is asked
@@ -314,12 +346,25 @@ class Runner:
         """Sleep; wake early at this safe point to drain, cancel, or end a timed-out job."""
         if ctx.deadline is not None:
             seconds = min(seconds, max(0.0, (ctx.deadline - self.store.clock()).total_seconds()))
-        if seconds > 0:
-            stop = asyncio.ensure_future(self.stop.wait())
-            cancel = asyncio.ensure_future(ctx.cancel.wait())
-            try:
-                await asyncio.wait((stop, cancel), timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stop.cancel()
-                cancel.cancel()
+        if seconds > 0 and not (self.stop.is_set() or ctx.cancel.is_set()):
+            if isinstance(self.stop, StopSignal):
+                # One future and one timer per sleep, woken by a cancel or the stop signal: a
+                # daemon with thousands of jobs waiting keeps no helper tasks per sleep.
+                loop = asyncio.get_running_loop()
+                sleeper: asyncio.Future[None] = loop.create_future()
+                timer = loop.call_later(seconds, lambda: sleeper.done() or sleeper.set_result(None))
+                self._sleepers[ctx.job.id] = sleeper
+                try:
+                    await sleeper
+                finally:
+                    timer.cancel()
+                    self._sleepers.pop(ctx.job.id, None)
+            else:
+                stop = asyncio.ensure_future(self.stop.wait())
+                cancel = asyncio.ensure_future(ctx.cancel.wait())
+                try:
+                    await asyncio.wait((stop, cancel), timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stop.cancel()
+                    cancel.cancel()
         self.checkpoint(ctx, None)

@@ -1,10 +1,16 @@
-"""The torture scenario: many jobs, a faulty emulator, a daemon killed with SIGKILL many times.
+"""The torture scenario: many jobs, a faulty emulator, daemons killed with SIGKILL many times.
 
 ``run_torture`` drives real processes, exactly as a user would run them: ``fabricflow emulator``
 with fault injection, ``fabricflow submit`` for every job, and ``fabricflow daemon``, which is
 killed with SIGKILL for a number of rounds (mostly a few milliseconds after a create intent is
 committed, so the kill lands between a create reaching the emulator and its answer being
 committed) and restarted; the last daemon runs every job to its end and is stopped with SIGTERM.
+
+On a SQLite file there is one daemon (one per file, by design). On PostgreSQL several daemons
+(``daemons=N``) share the jobs at once; each kill round SIGKILLs one of them (a seeded choice
+among those holding jobs) and restarts it, and the killed daemon's jobs are taken over, by the
+others or by its successor, once their leases lapse (``FABRICFLOW_DAEMON__LEASE_SECONDS``); all
+N run the last phase to the end and are stopped with SIGTERM.
 
 It then gathers the figures from the emulator (``/_emulator/stats`` and its public API) and the
 database, and checks the invariants of DESIGN.md, "Exactly once, across crashes":
@@ -24,6 +30,7 @@ The summary is plain JSON-able data; ``summary["violations"]`` lists every broke
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import signal
@@ -47,7 +54,8 @@ from orchestrator.machine import (
     StepName,
     StepState,
 )
-from tests.crash.procs import Daemon, Emulator, cli, query
+from tests.crash.procs import Daemon, Emulator, cli, env
+from tests.torture.reader import Reader
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
@@ -63,6 +71,8 @@ STEP_KIND = {
     "invocation": "service_instance",
 }
 CREATE_STEPS = ("workspace", "endpoint", "model", "service_instance")
+#: How long a killed daemon's jobs stay its own on PostgreSQL (no same-machine shortcut there).
+LEASE_SECONDS = float(env()["FABRICFLOW_DAEMON__LEASE_SECONDS"])
 STEP_NAMES = frozenset(name.value for name in StepName)
 KINDS = CREATE_STEPS
 
@@ -123,8 +133,11 @@ def write_specs(workdir: Path, jobs: int, seed: int) -> list[tuple[Path, dict[st
 
 
 def submit_all(db_url: str, specs: list[Path], *, parallel: int = 3) -> list[str]:
-    """``fabricflow submit`` every spec (a few at a time: each is a Python start-up)."""
-    cli("db", "upgrade", "--db", db_url)  # migrate once, so the submits do not race to do it
+    """``fabricflow submit`` every spec (a few at a time: each is a Python start-up).
+
+    The database must be migrated first (``fabricflow db upgrade``), so the submits do not race
+    to do it.
+    """
 
     def submit(path: Path) -> str:
         job_id = cli("submit", str(path), "--db", db_url).stdout.strip()
@@ -214,41 +227,74 @@ def live_resources(base: str) -> dict[str, dict[str, str]]:
 # --- killing at interesting moments ----------------------------------------------------------
 
 
-def last_event_id(db: Path) -> int:
-    return int(query(db, "SELECT COALESCE(MAX(id), 0) FROM events")[0][0])
+def last_event_id(db: Reader) -> int:
+    return int(db.scalar("SELECT COALESCE(MAX(id), 0) FROM events"))
 
 
-def unfinished(db: Path) -> int:
-    return int(query(db, "SELECT COUNT(*) FROM jobs WHERE state NOT IN ('SUCCEEDED','FAILED','CANCELLED')")[0][0])
+def unfinished(db: Reader) -> int:
+    return int(db.scalar("SELECT COUNT(*) FROM jobs WHERE state NOT IN ('SUCCEEDED','FAILED','CANCELLED')"))
 
 
-def wait_for_event(db: Path, where: str, after: int, deadline: Deadline, every: float) -> int | None:
-    """The id of the first event after ``after`` matching ``where``, polling until ``deadline``."""
+def wait_for_event(db: Reader, where: str, after: int, deadline: Deadline, every: float,
+                   *params: Any) -> int | None:
+    """The id of the first event after ``after`` matching ``where`` (whose ``?`` take ``params``),
+    polling until ``deadline``.
+
+    On PostgreSQL event ids are drawn when a row is inserted, so with several daemons an event
+    can commit after one with a higher id and be missed here; that only shifts a kill's moment.
+    """
     sql = f"SELECT id FROM events WHERE id > ? AND {where} ORDER BY id LIMIT 1"
     while not deadline.passed:
-        rows = query(db, sql, after)
+        rows = db.query(sql, after, *params)
         if rows:
             return int(rows[0][0])
         time.sleep(every)
     return None
 
 
-def steps_done(db: Path) -> int:
-    return int(query(db, "SELECT COUNT(*) FROM steps WHERE state IN ('SUCCEEDED','SKIPPED','FAILED')")[0][0])
+def steps_done(db: Reader) -> int:
+    return int(db.scalar("SELECT COUNT(*) FROM steps WHERE state IN ('SUCCEEDED','SKIPPED','FAILED')"))
 
 
-def steps_left(db: Path) -> int:
-    return int(query(db, "SELECT COUNT(*) FROM steps WHERE state NOT IN ('SUCCEEDED','SKIPPED','FAILED')")[0][0])
+def steps_left(db: Reader) -> int:
+    return int(db.scalar("SELECT COUNT(*) FROM steps WHERE state NOT IN ('SUCCEEDED','SKIPPED','FAILED')"))
 
 
-def kill_round(rng: random.Random, db: Path, daemon: Daemon, daemon_log: Path, emulator: Emulator, *,
-               rounds_after: int) -> dict[str, Any]:
-    """Let the daemon live a (seeded) 0.3-1.2 s and make a random share of the remaining progress,
-    then SIGKILL it at a moment biased towards creates in flight; returns what it interrupted.
+def log_owner(log: Path) -> str | None:
+    """The lease owner a daemon announced in its ``daemon_started`` log line (JSON logs)."""
+    if not log.exists():
+        return None
+    for line in log.read_text(errors="replace").splitlines():
+        if '"daemon_started"' not in line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("event") == "daemon_started":
+            return record.get("owner")
+    return None
+
+
+def wait_started(fleet: list[Daemon], logs: list[Path], deadline: Deadline) -> None:
+    """Until every daemon of ``fleet`` logged ``daemon_started`` (or died, or ``deadline``)."""
+    while not deadline.passed:
+        if all(d.proc.poll() is not None or '"daemon_started"' in log.read_text(errors="replace")
+               for d, log in zip(fleet, logs, strict=True)):
+            return
+        time.sleep(0.02)
+
+
+def kill_round(rng: random.Random, db: Reader, fleet: list[Daemon], fleet_logs: list[Path],
+               emulator: Emulator, *, rounds_after: int) -> dict[str, Any]:
+    """Let the daemons live a (seeded) 0.3-1.2 s and make a random share of the remaining
+    progress, then SIGKILL one of them at a moment biased towards creates in flight; returns
+    what it interrupted, with the killed daemon's index in ``fleet`` as ``"daemon"``.
 
     The share is about ``1 / (rounds_after + 2)`` of the steps still to do, so the kills spread
     over the whole run instead of all landing at start-up (or after every job has finished).
-    Then, by a seeded roll:
+    With several daemons the victim is a seeded choice among those holding RUNNING jobs (any,
+    when none does), and the moments below are its own jobs' events. Then, by a seeded roll:
     - ``intent`` (60%): the next create intent (PENDING -> IN_FLIGHT) is committed; kill 0-50 ms
       later, while the lookup or the create request is on the wire;
     - ``in_flight`` (20%): the next IN_FLIGHT transition (retries, invocations); kill 0-50 ms later;
@@ -260,43 +306,65 @@ def kill_round(rng: random.Random, db: Path, daemon: Daemon, daemon_log: Path, e
     jitter = rng.uniform(0.0, 0.05) if mode != "random" else rng.uniform(0.0, 0.5)
     budget = int(steps_left(db) * rng.uniform(0.1, 0.7) / (rounds_after + 2))
     # A daemon killed again and again within a second of starting never reaches most of its
-    # jobs; each takeover counts towards the poison-job limit (5 in a row by default), so a
+    # jobs; each takeover counts towards the poison-job limit (``max_recoveries`` in a row), so a
     # cadence that fast fails jobs by design. Give every life a seeded 0.3-1.2 s first.
     min_life = rng.uniform(0.3, 1.2)
     start = steps_done(db)
     deadline = Deadline(30.0)
-    while not deadline.passed and daemon.proc.poll() is None and \
-            '"daemon_started"' not in daemon_log.read_text(errors="replace"):
-        time.sleep(0.02)
+
+    def all_alive() -> bool:
+        return all(d.proc.poll() is None for d in fleet)
+
+    wait_started(fleet, fleet_logs, deadline)
     alive_until = Deadline(min_life)
-    while not deadline.passed and daemon.proc.poll() is None and \
+    while not deadline.passed and all_alive() and \
             (steps_done(db) - start < budget or not alive_until.passed):
         time.sleep(0.01)
     progress = steps_done(db) - start
     busy = unfinished(db) > 0
+    owners = [log_owner(log) for log in fleet_logs]
+    if len(fleet) == 1:
+        slot, scope, scope_params = 0, "", ()
+    else:
+        held = dict(db.query("SELECT lease_owner, COUNT(*) FROM jobs WHERE state = 'RUNNING' "
+                             "GROUP BY lease_owner"))
+        holders = [i for i, owner in enumerate(owners) if owner is not None and held.get(owner)]
+        slot = rng.choice(holders or list(range(len(fleet))))
+        # Only the victim's jobs: the moment to aim at is one of its creates in the air.
+        scope = " AND job_id IN (SELECT id FROM jobs WHERE lease_owner = ?)"
+        scope_params = (owners[slot] or "",)
+    victim = fleet[slot]
     mark = last_event_id(db)
     seen = None
     if mode != "random" and busy:
         where = ("from_state = 'PENDING' AND to_state = 'IN_FLIGHT' AND step IN "
                  "('workspace','endpoint','model','service_instance')" if mode == "intent"
                  else "to_state = 'IN_FLIGHT'")
-        seen = wait_for_event(db, where, mark, Deadline(3.0), every=0.005)
+        seen = wait_for_event(db, where + scope, mark, Deadline(3.0), 0.005, *scope_params)
         if seen is None and mode == "intent":
-            seen = wait_for_event(db, "to_state = 'IN_FLIGHT'", mark, Deadline(2.0), every=0.005)
+            seen = wait_for_event(db, "to_state = 'IN_FLIGHT'" + scope, mark, Deadline(2.0), 0.005,
+                                  *scope_params)
             mode = "intent->in_flight" if seen is not None else mode
         mode = mode if seen is not None else f"{mode}:not_seen"
-    event = query(db, "SELECT step, from_state, to_state FROM events WHERE id = ?", seen) if seen else []
-    if daemon.proc.poll() is not None:
-        raise AssertionError(f"the daemon died by itself with exit code {daemon.proc.returncode}")
+    event = db.query("SELECT step, from_state, to_state FROM events WHERE id = ?", seen) if seen else []
+    for index, daemon in enumerate(fleet):
+        if daemon.proc.poll() is not None:
+            raise AssertionError(f"daemon {index} ({fleet_logs[index].name}) died by itself "
+                                 f"with exit code {daemon.proc.returncode}")
     time.sleep(jitter)  # the random offset of the kill, not a synchronisation
-    daemon.kill()
-    # What the kill interrupted: create steps left IN_FLIGHT, and among them the ones whose
-    # resource already exists in the emulator (the create landed, its answer was not committed).
-    in_flight = query(db, "SELECT job_id, name, request_name FROM steps WHERE state = 'IN_FLIGHT' "
-                          "AND name IN ('workspace','endpoint','model','service_instance')")
+    victim.kill()
+    # What the kill interrupted: create steps left IN_FLIGHT (of the victim's jobs: they keep
+    # its name as lease owner until taken over), and among them the ones whose resource already
+    # exists in the emulator (the create landed, its answer was not committed).
+    in_flight = db.query("SELECT job_id, name, request_name FROM steps WHERE state = 'IN_FLIGHT' "
+                         "AND name IN ('workspace','endpoint','model','service_instance')" + scope,
+                         *scope_params)
+    victim_jobs = (len(db.query("SELECT id FROM jobs WHERE state = 'RUNNING' AND lease_owner = ?", owners[slot]))
+                   if owners[slot] else 0)
     created = emulator.stats()["created"]
     landed = [(j, s) for j, s, n in in_flight if n and created.get(s, {}).get(n, 0) > 0]
     return {"moment": mode, "after_event": list(event[0]) if event else None,
+            "daemon": slot, "log": fleet_logs[slot].name, "victim_running_jobs": victim_jobs,
             "life_s": round(min_life, 2), "steps_done_before": progress, "jitter_ms": round(jitter * 1000, 1),
             "creates_in_flight": len(in_flight), "creates_landed_not_committed": len(landed),
             "unfinished_jobs": unfinished(db)}
@@ -345,11 +413,11 @@ def check_events(job_id: str, events: list[tuple[Any, ...]], job_state: str,
     return problems
 
 
-def engine_observations(db: Path, logs: list[Path]) -> dict[str, int]:
+def engine_observations(db: Reader, logs: list[Path]) -> dict[str, int]:
     """What the engine saw of the faults: its event log (job-level retries, reconciliations)
     and its logs (in-call retries of reads, which stamina absorbs without an event)."""
     count: Counter[str] = Counter()
-    for (detail,) in query(db, "SELECT detail FROM events WHERE detail IS NOT NULL"):
+    for (detail,) in db.query("SELECT detail FROM events WHERE detail IS NOT NULL"):
         if "failed (transient)" in detail:
             count["step_retries_transient"] += 1
         elif "outcome unknown" in detail:
@@ -386,7 +454,7 @@ def daemon_log_problems(logs: list[Path]) -> list[str]:
     return problems
 
 
-def gather(db: Path, emulator: Emulator, jobs_submitted: list[str],
+def gather(db: Reader, emulator: Emulator, jobs_submitted: list[str],
            names: dict[str, dict[str, str]], logs: list[Path]) -> dict[str, Any]:
     """Figures and invariant checks after the run (faults are switched off first)."""
     base = emulator.url
@@ -394,13 +462,13 @@ def gather(db: Path, emulator: Emulator, jobs_submitted: list[str],
     http(f"{base}/_emulator/faults", method="POST",
          body={"fail_rate": 0, "drop_rate": 0, "slow_rate": 0, "cut_rate": 0})
 
-    job_rows = {row[0]: row for row in query(db, "SELECT id, name, state, error FROM jobs")}
+    job_rows = {row[0]: row for row in db.query("SELECT id, name, state, error FROM jobs")}
     step_rows: dict[str, dict[str, tuple[Any, ...]]] = defaultdict(dict)
-    for row in query(db, "SELECT job_id, name, state, resource_id, resource_status, request_name, "
-                         "error, extra FROM steps"):
+    for row in db.query("SELECT job_id, name, state, resource_id, resource_status, request_name, "
+                        "error, extra FROM steps"):
         step_rows[row[0]][row[1]] = row
     events: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
-    for row in query(db, "SELECT job_id, id, step, from_state, to_state, detail FROM events ORDER BY id"):
+    for row in db.query("SELECT job_id, id, step, from_state, to_state, detail FROM events ORDER BY id"):
         events[row[0]].append(row[1:])
 
     violations: list[str] = []
@@ -548,6 +616,49 @@ def _check_wiring(base: str, job_id: str, steps: dict[str, tuple[Any, ...]]) -> 
 # --- the driver ------------------------------------------------------------------------------
 
 
+def takeovers(db: Reader, logs: list[Path], slots: dict[Path, int]) -> dict[str, Any]:
+    """Who ran and who took over jobs, from the claim and recovery events; ``slots`` maps each
+    daemon log to the place in the fleet its process held (a restarted daemon keeps its place)."""
+    slot_of = {owner: slots[log] for log in logs if (owner := log_owner(log)) is not None}
+    ran: set[int] = set()
+    count: Counter[str] = Counter()
+    for (detail,) in db.query("SELECT detail FROM events WHERE step IS NULL AND to_state = 'RUNNING' "
+                              "AND detail IS NOT NULL"):
+        claimed = re.match(r"claimed by (\S+)$", detail)
+        recovered = re.match(r"recovered by (\S+) \(previous owner (\S+)\)$", detail)
+        owner = (claimed or recovered).group(1) if (claimed or recovered) else None
+        if owner in slot_of:
+            ran.add(slot_of[owner])
+        if recovered:
+            new, old = slot_of.get(recovered.group(1)), slot_of.get(recovered.group(2))
+            count["recoveries"] += 1
+            if new is None or old is None:
+                count["by_an_unknown_owner"] += 1
+            elif new == old:
+                count["by_the_restarted_daemon"] += 1
+            else:
+                count["by_another_daemon"] += 1
+    return {**dict(sorted(count.items())), "daemons_that_ran_jobs": len(ran)}
+
+
+def stop_fleet(fleet: list[Daemon], timeout: float = 40.0) -> list[int | None]:
+    """SIGTERM every daemon at once, then wait for each drain; exit codes (None: did not stop)."""
+    for daemon in fleet:
+        if daemon.proc.poll() is None:
+            daemon.proc.send_signal(signal.SIGTERM)
+    codes: list[int | None] = []
+    for daemon in fleet:
+        try:
+            codes.append(daemon.proc.wait(timeout=timeout))
+        except subprocess.TimeoutExpired:
+            daemon.proc.send_signal(signal.SIGKILL)
+            daemon.proc.wait(timeout=10)
+            codes.append(None)
+        finally:
+            daemon.log_file.close()
+    return codes
+
+
 def run_torture(
     *,
     jobs: int,
@@ -562,90 +673,128 @@ def run_torture(
     instance_ready_after: float = 0.5,
     finish_timeout: float = 120.0,
     max_recoveries: int | None = None,
+    db_url: str | None = None,
+    daemons: int = 1,
+    concurrency: int | None = None,
 ) -> dict[str, Any]:
     """Run the torture scenario in ``workdir`` and return its JSON-able summary.
+
+    ``db_url`` is the jobs database (default: a SQLite file in ``workdir``); it must hold no
+    jobs yet (it is migrated here). ``daemons`` above 1 needs PostgreSQL. ``concurrency`` is each
+    daemon's ``FABRICFLOW_DAEMON__CONCURRENCY``; with several daemons it defaults to a little
+    more than an even share of the jobs, so that they all get work (otherwise the first to
+    start claims everything) and the survivors of a kill have room for the victim's jobs.
+    ``finish_timeout`` bounds the last phase; with several daemons it is extended by two lease
+    periods, the time the last victim's jobs wait to be taken over.
 
     ``summary["violations"]`` is empty when every invariant holds. Every child process is
     stopped before this returns, whatever happens.
     """
     started = time.monotonic()
+    if daemons < 1:
+        raise ValueError("daemons must be at least 1")
     workdir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    db = workdir / "jobs.db"
-    url = f"sqlite+aiosqlite:///{db}"
+    url = db_url or f"sqlite+aiosqlite:///{workdir / 'jobs.db'}"
+    db = Reader(url)
+    if daemons > 1 and db.is_sqlite:
+        db.close()
+        raise ValueError(f"{daemons} daemons need PostgreSQL: fabricflow allows one daemon per SQLite "
+                         "file (pass a postgresql+asyncpg:// URL)")
     daemon_env = {"FABRICFLOW_LOG_LEVEL": "info", "FABRICFLOW_LOG_FORMAT": "json"}
     if max_recoveries is not None:
         daemon_env["FABRICFLOW_DAEMON__MAX_RECOVERIES"] = str(max_recoveries)
+    if concurrency is None and daemons > 1:
+        concurrency = math.ceil(jobs / daemons) + 1
+    if concurrency is not None:
+        daemon_env["FABRICFLOW_DAEMON__CONCURRENCY"] = str(concurrency)
     logs: list[Path] = []
+    slots: dict[Path, int] = {}
     kills: list[dict[str, Any]] = []
-    emulator = Emulator(
-        "--ready-after", str(ready_after), "--instance-ready-after", str(instance_ready_after),
-        "--fail-rate", str(fail_rate), "--drop-rate", str(drop_rate), "--slow-rate", str(slow_rate),
-        "--cut-rate", str(cut_rate), "--seed", str(seed), log=workdir / "emulator.log",
-    )
-    daemon: Daemon | None = None
+    fleet: list[Daemon] = []
+    fleet_logs: list[Path] = []
+    emulator: Emulator | None = None
     try:
+        emulator = Emulator(
+            "--ready-after", str(ready_after), "--instance-ready-after", str(instance_ready_after),
+            "--fail-rate", str(fail_rate), "--drop-rate", str(drop_rate), "--slow-rate", str(slow_rate),
+            "--cut-rate", str(cut_rate), "--seed", str(seed), log=workdir / "emulator.log",
+        )
         assert urllib.parse.urlsplit(emulator.url).hostname in ("127.0.0.1", "::1", "localhost")
         _, faults_configured = http(f"{emulator.url}/_emulator/faults")
         specs = write_specs(workdir, jobs, seed)
+        cli("db", "upgrade", "--db", url)
+        already = int(db.scalar("SELECT COUNT(*) FROM jobs"))
+        if already:
+            raise ValueError(f"{db.described} already holds {already} jobs; the torture scenario "
+                             "checks every job in the database, so it needs an empty one")
         job_ids = submit_all(url, [path for path, _ in specs])
         names = {job_id: spec_names for job_id, (_, spec_names) in zip(job_ids, specs, strict=True)}
         submitted_at = time.monotonic()
 
-        def start_daemon() -> Daemon:
+        def start_daemon(slot: int) -> Daemon:
             log = workdir / f"daemon-{len(logs) + 1:02d}.log"
             logs.append(log)
+            slots[log] = slot
             return Daemon(url, emulator.url, log, **daemon_env)
 
+        for slot in range(daemons):
+            fleet.append(start_daemon(slot))
+            fleet_logs.append(logs[-1])
         for index in range(kill_rounds):
-            daemon = start_daemon()
-            kills.append(kill_round(rng, db, daemon, logs[-1], emulator,
+            kills.append(kill_round(rng, db, fleet, fleet_logs, emulator,
                                     rounds_after=kill_rounds - index - 1))
-            daemon = None
+            slot = kills[-1]["daemon"]
+            fleet[slot] = start_daemon(slot)
+            fleet_logs[slot] = logs[-1]
 
-        daemon = start_daemon()
-        deadline = Deadline(finish_timeout)
-        # Its signal handlers are installed once it says daemon_started; a SIGTERM during
+        # Several daemons on PostgreSQL: the last victim's jobs wait for their leases to lapse.
+        deadline = Deadline(finish_timeout + (0.0 if db.is_sqlite else 2 * LEASE_SECONDS))
+        # Signal handlers are installed once a daemon says daemon_started; a SIGTERM during
         # Python's start-up would kill it like any process that has not started yet.
-        while not deadline.passed and daemon.proc.poll() is None and \
-                '"daemon_started"' not in logs[-1].read_text(errors="replace"):
-            time.sleep(0.05)
+        wait_started(fleet, fleet_logs, deadline)
         while not deadline.passed and unfinished(db) > 0:
-            if daemon.proc.poll() is not None:
-                break  # died by itself: reported below as lost jobs and a bad exit code
+            if any(daemon.proc.poll() is not None for daemon in fleet):
+                break  # one died by itself: reported below as lost jobs and a bad exit code
             time.sleep(0.1)
         finished_in = round(time.monotonic() - submitted_at, 2)
-        if daemon.proc.poll() is None:
-            exit_code = daemon.terminate(timeout=40)
-        else:
-            exit_code = daemon.proc.returncode
-            daemon.log_file.close()
-        daemon = None
+        stopping, fleet = fleet, []
+        exit_codes = stop_fleet(stopping)
 
         figures = gather(db, emulator, job_ids, names, logs)
+        figures["takeovers"] = takeovers(db, logs, slots)
     finally:
-        if daemon is not None and daemon.proc.poll() is None:
-            daemon.proc.send_signal(signal.SIGKILL)
-            try:
-                daemon.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
+        for daemon in fleet:
+            if daemon.proc.poll() is None:
+                daemon.proc.send_signal(signal.SIGKILL)
+                try:
+                    daemon.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
             daemon.log_file.close()
-        emulator.stop()
+        if emulator is not None:
+            emulator.stop()
+        db.close()
 
     violations = figures.pop("violations")
-    if exit_code != 0:
-        violations.append(f"the last daemon exited {exit_code} after SIGTERM (expected 0)")
+    for log, code in zip(fleet_logs, exit_codes, strict=True):
+        if code != 0:
+            violations.append(f"the daemon of {log.name} exited {'without stopping' if code is None else code} "
+                              "after SIGTERM (expected 0)")
     log_problems = daemon_log_problems(logs)
     violations += [f"daemon log: {p}" for p in log_problems]
     return {
         "jobs": jobs,
+        "database": db.backend,
+        "daemons": daemons,
         "kills": len(kills),
         "kills_by_moment": dict(sorted(Counter(k["moment"] for k in kills).items())),
+        "kills_by_daemon": dict(sorted(Counter(k["daemon"] for k in kills).items())),
         "kills_after_step_event": dict(sorted(Counter(
             f"{k['after_event'][0] or 'job'}:{k['after_event'][1]}->{k['after_event'][2]}"
             for k in kills if k["after_event"]).items())),
         "kills_while_jobs_unfinished": sum(1 for k in kills if k["unfinished_jobs"]),
+        "kills_of_a_daemon_running_jobs": sum(1 for k in kills if k["victim_running_jobs"]),
         "kills_with_creates_in_flight": sum(1 for k in kills if k["creates_in_flight"]),
         "kills_between_create_and_commit": sum(1 for k in kills if k["creates_landed_not_committed"]),
         "faults": {
@@ -659,8 +808,11 @@ def run_torture(
         },
         **figures,
         "daemon_settings": {"max_recoveries": max_recoveries or DaemonSettings().max_recoveries,
-                            "retry_max_attempts": RetrySettings().max_attempts},
-        "last_daemon_exit_code": exit_code,
+                            "retry_max_attempts": RetrySettings().max_attempts,
+                            "concurrency": concurrency or DaemonSettings().concurrency,
+                            "lease_seconds": LEASE_SECONDS},
+        "last_daemon_exit_code": next((code for code in exit_codes if code != 0), 0),
+        "daemon_exit_codes": exit_codes,
         "seconds_to_finish_after_submit": finished_in,
         "seconds": round(time.monotonic() - started, 2),
         "kill_log": kills,

@@ -1,39 +1,48 @@
-"""The torture suite at CI size: faulty emulator, many jobs, the daemon killed -9 again and again.
+"""The torture suite at CI size: faulty emulator, many jobs, the daemon killed -9 again and again,
+on a SQLite file (one daemon) and on PostgreSQL (several daemons at once, one killed per round).
 
-The full size runs from the command line: ``python benchmarks/torture.py --jobs 100 --kills 20``.
+The full size runs from the command line: ``python benchmarks/torture.py --jobs 100 --kills 20``
+(add ``--db postgresql+asyncpg://... --daemons 3`` for PostgreSQL).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.torture.reader import to_numbered
 from tests.torture.scenario import LEGITIMATE_FAILURE_CODES, check_events, run_torture
 
 CI_SIZE = {"jobs": 12, "kill_rounds": 4, "fail_rate": 0.1, "drop_rate": 0.1, "slow_rate": 0.05, "seed": 7}
+#: Several daemons sharing a PostgreSQL database; each round kills one of them.
+PG_SIZE = {"jobs": 8, "kill_rounds": 3, "daemons": 3, "fail_rate": 0.1, "drop_rate": 0.1, "slow_rate": 0.05,
+           "seed": 7}
 
 
-@pytest.mark.timeout(180)
-def test_torture_no_job_lost_nothing_created_twice(tmp_path: Path) -> None:
-    summary = run_torture(**CI_SIZE, workdir=tmp_path / "torture")
+def run_and_show(tmp_path: Path, size: dict[str, Any], **more: Any) -> tuple[dict[str, Any], str]:
+    summary = run_torture(**size, **more, workdir=tmp_path / "torture")
     shown = json.dumps(summary, indent=1)
     (tmp_path / "summary.json").write_text(shown)
     print(shown)
+    return summary, shown
 
+
+def assert_invariants(summary: dict[str, Any], shown: str, size: dict[str, Any]) -> None:
     # The run really tortured the engine: every kill happened, with creates in the air.
-    assert summary["kills"] == CI_SIZE["kill_rounds"], shown
+    assert summary["kills"] == size["kill_rounds"], shown
     assert summary["kills_with_creates_in_flight"] >= 1, shown
     assert summary["last_daemon_exit_code"] == 0, shown
     # 1. Every job SUCCEEDED, or FAILED with an error the injected faults make legitimate.
-    assert summary["succeeded"] + summary["failed"] == CI_SIZE["jobs"], shown
+    assert summary["succeeded"] + summary["failed"] == size["jobs"], shown
     assert [f for f in summary["failed_reasons"] if f["code"] not in LEGITIMATE_FAILURE_CODES] == [], shown
     # 2. No job lost.
     assert summary["lost"] == 0, shown
     # 3. No name created twice (from /_emulator/stats), and every job's four names created once.
     assert summary["duplicates"] == 0 and summary["duplicate_names"] == {}, shown
-    assert summary["created"] == {k: CI_SIZE["jobs"] for k in summary["created"]}, shown
+    assert summary["created"] == {k: size["jobs"] for k in summary["created"]}, shown
     # 4. Every recorded resource ID exists in the emulator; nothing live is unrecorded.
     assert summary["missing_resources"] == 0, shown
     assert summary["orphans"] == 0, shown
@@ -41,6 +50,37 @@ def test_torture_no_job_lost_nothing_created_twice(tmp_path: Path) -> None:
     assert summary["illegal_event_paths"] == 0, shown
     # Whatever else the checks found (daemon errors in the logs, wiring between steps).
     assert summary["violations"] == [], shown
+
+
+@pytest.mark.timeout(180)
+def test_torture_no_job_lost_nothing_created_twice(tmp_path: Path) -> None:
+    summary, shown = run_and_show(tmp_path, CI_SIZE)
+    assert summary["database"] == "sqlite" and summary["daemons"] == 1, shown
+    assert_invariants(summary, shown, CI_SIZE)
+
+
+@pytest.mark.timeout(240)
+def test_torture_on_postgresql_several_daemons(tmp_path: Path, pg_url: str) -> None:
+    summary, shown = run_and_show(tmp_path, PG_SIZE, db_url=pg_url)
+    assert summary["database"] == "postgresql" and summary["daemons"] == PG_SIZE["daemons"], shown
+    assert summary["daemon_exit_codes"] == [0] * PG_SIZE["daemons"], shown
+    # The daemons really shared the work, and the kills hit daemons that held jobs, whose jobs
+    # others (or their successors) took over once the leases lapsed.
+    assert summary["takeovers"]["daemons_that_ran_jobs"] >= 2, shown
+    assert summary["kills_of_a_daemon_running_jobs"] >= 1, shown
+    assert summary["takeovers"].get("recoveries", 0) >= 1, shown
+    assert_invariants(summary, shown, PG_SIZE)
+
+
+def test_several_daemons_need_postgresql(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="need PostgreSQL"):
+        run_torture(**{**PG_SIZE, "daemons": 2}, workdir=tmp_path / "torture")
+
+
+def test_reader_numbers_placeholders_outside_literals() -> None:
+    assert to_numbered("SELECT 1 WHERE a = ? AND b LIKE 'x?%' AND c = ?") == \
+        "SELECT 1 WHERE a = $1 AND b LIKE 'x?%' AND c = $2"
+    assert to_numbered("SELECT 'it''s?' , ?") == "SELECT 'it''s?' , $1"
 
 
 # --- the event-path checker must reject what it is there to reject ----------------------------
