@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from sqlalchemy.engine import make_url
 
@@ -101,9 +101,11 @@ class Reader:
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None and self._loop is not None and not conn.is_closed():
+            import asyncpg
+
             try:
                 self._loop.run_until_complete(conn.close(timeout=5))
-            except Exception:
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
                 conn.terminate()
 
     def close(self) -> None:
@@ -112,7 +114,7 @@ class Reader:
             self._loop.close()
             self._loop = None
 
-    def __enter__(self) -> Reader:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_: object) -> None:
