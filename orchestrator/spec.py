@@ -53,7 +53,7 @@ _ID = r"^[A-Za-z0-9-]{1,36}$"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, regex_engine="python-re")
 
 
 class Reuse(_Strict):

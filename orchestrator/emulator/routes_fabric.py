@@ -27,7 +27,7 @@ async def create_workspace(request: web.Request) -> web.Response:
     fields = {"description": text(body, "description", max_len=255) or "",
               "metastore_id": text(body, "metastore_id"),
               "enterprise_project_id": text(body, "enterprise_project_id") or "0"}
-    if any(ws.name == name for ws in store.items("workspace")):
+    if any(ws.name == name for ws in store.items("workspace", name=name)):
         raise duplicate("workspace", name)
     return ok(views.workspace(store, store.add("workspace", name, None, fields)))
 
@@ -35,7 +35,7 @@ async def create_workspace(request: web.Request) -> web.Response:
 async def list_workspaces(request: web.Request) -> web.Response:
     store, query = store_of(request), request.query
     project = query.get("enterprise_project_id")
-    found = [ws for ws in store.items("workspace")
+    found = [ws for ws in store.items("workspace", name=query.get("name"))
              if name_matches(ws, query) and field_matches(ws.id, query, "id")
              and (project in (None, "", "all_granted_eps")
                   or ws.fields.get("enterprise_project_id") == project)]
@@ -48,9 +48,9 @@ async def update_workspace(request: web.Request) -> web.Response:
     body = await json_body(request)
     if body.get("name") is not None:
         name = workspace_name(text(body, "name"))
-        if any(o.name == name and o.id != ws.id for o in store.items("workspace")):
+        if any(o.name == name and o.id != ws.id for o in store.items("workspace", name=name)):
             raise duplicate("workspace", name)
-        ws.name = name
+        store.rename(ws, name)
     if body.get("description") is not None:
         ws.fields["description"] = text(body, "description", max_len=255)
     if body.get("metastore_id") is not None:

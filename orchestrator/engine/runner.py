@@ -218,6 +218,9 @@ class Runner:
             ctx = Context(job, None, None, cancel)
             if job.kind is JobKind.CREATE:
                 ctx.spec = JobSpec.model_validate(job.spec)
+                # The parsed spec is what the steps read. The snapshot is this run's own (from its
+                # claim), so its raw dict goes: kept, it would double a waiting job's memory.
+                job.spec.clear()
                 if ctx.spec.timeouts.job is not None:
                     ctx.deadline = (job.started_at or self.store.clock()) + timedelta(seconds=ctx.spec.timeouts.job)
             else:
