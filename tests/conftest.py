@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from collections.abc import AsyncIterator, Iterator
@@ -73,6 +74,13 @@ async def pg_url() -> AsyncIterator[str]:
 
     Skipped when no server answers on 127.0.0.1:5432, except under CI, where that is a failure.
     """
+    async with fresh_pg_database() as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def fresh_pg_database() -> AsyncIterator[str]:
+    """Create a PostgreSQL database for one test (skip without a server, outside CI); drop it after."""
     import uuid
 
     import asyncpg
