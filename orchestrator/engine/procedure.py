@@ -211,9 +211,14 @@ async def wait(rt: Runner, ctx: Context, name: StepName, ops: PollStep) -> None:
     deadline = started + timedelta(seconds=timeout)
     key = (ops.kind, resource_id)
     try:
+        left = max(0.0, (deadline - rt.store.clock()).total_seconds())
         if fresh and last != RUNNING:
             # Just created and reported not yet RUNNING: asking again at once would only say so again.
-            await rt.sleep(ctx, min(initial, max(0.0, (deadline - rt.store.clock()).total_seconds())))
+            await rt.sleep(ctx, min(initial, left))
+        elif not fresh:
+            # Resumed (a restart takes over every waiting job at once): spread the first polls
+            # over one interval rather than sending thousands of GETs in the same instant.
+            await rt.sleep(ctx, min(rt.rng.uniform(0.0, initial), left))
         await _poll_until_running(rt, ctx, name, ops, key, state=state, attempts=attempts, last=last,
                                   started=started, deadline=deadline, initial=initial, cap=cap)
     finally:
