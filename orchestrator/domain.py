@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -11,17 +12,32 @@ from orchestrator.machine import JobKind, JobState, StepName, StepState, order_o
 MARKER_PREFIX = "fabricflow"
 
 
+#: A marker's job ID part: 64 bits of it (16 hex digits), or the 32 of fabricflow 0.1.
+_MARKER = re.compile(rf"\[{MARKER_PREFIX}:([0-9a-f]{{8}}|[0-9a-f]{{16}})\]")
+
+
 def ownership_marker(job_id: str) -> str:
-    """The tag appended to every description fabricflow sends, e.g. ``[fabricflow:3f9c2a1e]``."""
-    return f"[{MARKER_PREFIX}:{job_id[:8]}]"
+    """The tag appended to every description fabricflow sends, e.g. ``[fabricflow:3f9c2a1e5b7d4c11]``:
+    64 bits of the job ID, so two jobs' markers never collide in practice."""
+    return f"[{MARKER_PREFIX}:{job_id[:16]}]"
+
+
+def markers_in(description: str | None) -> list[str]:
+    """The job ID parts of every ownership marker in a description, as whole tokens."""
+    return _MARKER.findall(description or "")
+
+
+def carries_marker(description: str | None, job_id: str) -> bool:
+    """True when the description holds this job's marker as a whole token (not a substring of
+    another job's). Markers written by fabricflow 0.1 (32 bits) still count for their jobs."""
+    return any(part == job_id[:len(part)] for part in markers_in(description))
 
 
 def with_marker(description: str, job_id: str) -> str:
     """A description carrying the job's ownership marker exactly once."""
-    marker = ownership_marker(job_id)
-    if marker in description:
+    if carries_marker(description, job_id):
         return description
-    return f"{description} {marker}".strip()
+    return f"{description} {ownership_marker(job_id)}".strip()
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,6 +78,12 @@ def sqlite_file_lock(url: str) -> AsyncIterator[None]:  # type: ignore[misc]
 #: Most jobs claimed per claim round.
 CLAIM_BATCH = 100
 
+#: A daemon whose clock is off the database's by more than this share of the lease takes no jobs over.
+MAX_SKEW_OF_LEASE = 0.25
+
+#: How often the daemon compares its clock with the database's, in seconds.
+SKEW_CHECK_SECONDS = 60.0
+
 #: How often a runner's process looks for `fabricflow cancel` requests, in seconds.
 CANCEL_POLL_SECONDS = 1.0
 
@@ -173,14 +179,19 @@ class Daemon:
                 if ready is not None:
                     ready.set()
                 failures = 0
+                skew_checked, takeover = float("-inf"), True
                 while not self.runner.stop.is_set():
+                    if loop.time() - skew_checked > SKEW_CHECK_SECONDS:
+                        skew_checked = loop.time()
+                        takeover = await self._clock_agrees(cfg.lease_seconds)
                     # Claim in batches: a flood of new jobs ramps up instead of queueing thousands
                     # of first transitions at once.
                     free = min(cfg.concurrency - len(self.tasks), CLAIM_BATCH)
                     pause = cfg.claim_interval
                     try:
                         claimed = await self.store.claim_next(self.owner, limit=free, lease=cfg.lease_seconds,
-                                                              running=set(self.tasks), max_runs=cfg.max_recoveries)
+                                                              running=set(self.tasks), max_runs=cfg.max_recoveries,
+                                                              takeover=takeover)
                         for job in claimed:
                             self._spawn(job)
                         failures = 0
@@ -198,6 +209,21 @@ class Daemon:
         writes = self.store.writer.stats()
         log.info("daemon_stopped", owner=self.owner, write_commits=writes.batches,
                  write_operations=writes.operations, write_statements=writes.statements)
+
+    async def _clock_agrees(self, lease: float) -> bool:
+        """Whether this machine's clock agrees with the database's closely enough to take over
+        other daemons' lapsed jobs. Leases are measured on the database's clock; a daemon whose
+        own clock is far off still says so, since its logs and timeouts would mislead."""
+        try:
+            skew = await self.store.clock_skew()
+        except (DBAPIError, SQLAlchemyTimeoutError, OSError):
+            return True  # the claim will report the database problem itself
+        if abs(skew) <= lease * MAX_SKEW_OF_LEASE:
+            return True
+        log.error("clock_skew", skew_seconds=round(skew, 1), limit_seconds=round(lease * MAX_SKEW_OF_LEASE, 1),
+                  detail="this machine's clock differs from the database's; fix its time (NTP). Until "
+                         "then this daemon takes only new jobs, never another daemon's lapsed ones")
+        return False
 
     def _spawn(self, job: Job) -> None:
         job_id = job.id

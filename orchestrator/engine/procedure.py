@@ -12,7 +12,7 @@ import time
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from orchestrator.domain import Job, ownership_marker
+from orchestrator.domain import Job, carries_marker, ownership_marker
 from orchestrator.engine.steps import CREATE_STEPS, POLL_STEPS, CreateStep, Found, PollStep, invocation_body
 from orchestrator.errors import (
     NeedsReconcileError,
@@ -113,7 +113,7 @@ async def _look(rt: Runner, ctx: Context, name: StepName, ops: CreateStep, state
     # Whatever it finds, a commit follows (an intent, an adoption, a failure): that commit ends
     # the streak of interrupted runs, so the answer needs no write of its own.
     matches = await ops.find(rt.client, ctx.job, request_name)
-    ours = [m for m in matches if marker in (m.description or "")]
+    ours = [m for m in matches if carries_marker(m.description, ctx.job.id)]
     if len(ours) > 1:
         ids = ", ".join(m.id for m in ours)
         raise TerminalError(f"several {ops.kind}s named {request_name!r} carry this job's "

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from orchestrator.domain import Job, ownership_marker
+from orchestrator.domain import Job, carries_marker
 from orchestrator.engine.steps import CREATE_STEPS
 from orchestrator.errors import NeedsReconcileError, RetryableError, TerminalError
 from orchestrator.fabric.client import FabricClient
@@ -130,14 +130,13 @@ async def _targets(rt: Runner, parent: Job, name: StepName) -> tuple[str, list[s
         return f"the job has no workspace: no {name} to delete", recorded
     # Also look by name and marker: a create whose answer was never recorded (a step left
     # IN_FLIGHT, a runner that lost its lease) still left a resource that is the job's.
-    marker = ownership_marker(parent.id)
     try:
         found = await CREATE_STEPS[name].find(rt.client, parent, pstep.request_name)
     except TerminalError as exc:
         if exc.status != 404:
             raise
         found = []  # the workspace itself is gone, and everything that was in it
-    ours = [f.id for f in found if marker in (f.description or "")]
+    ours = [f.id for f in found if carries_marker(f.description, parent.id)]
     targets = list(dict.fromkeys(recorded + ours))
     return (f"no {name} named {pstep.request_name!r} carries the job's marker: nothing to delete", targets)
 

@@ -17,7 +17,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from orchestrator.errors import UserError
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent.parent / "migrations"
+# Installed from a wheel, migrations/ is inside the package (pyproject.toml maps it there); in a
+# checkout, installed editable or not, it is at the repository's top level.
+_PACKAGE = Path(__file__).resolve().parent.parent
+MIGRATIONS_DIR = _PACKAGE / "_migrations"
+if not MIGRATIONS_DIR.is_dir():
+    MIGRATIONS_DIR = _PACKAGE.parent / "migrations"
 WRITE = "fabricflow_write"  # execution option: this connection's transactions write
 
 

@@ -10,7 +10,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from orchestrator.domain import Job
 from orchestrator.machine import JobState
@@ -39,9 +39,20 @@ class LeaseMixin:
 
         return await self._writer.run(op, urgent=True)
 
+    async def clock_skew(self: JobStore) -> float:
+        """Seconds by which the database's clock is ahead of this process's (0 on SQLite, whose
+        one daemon shares the machine's clock with every user of the file)."""
+        if self.engine.dialect.name != "postgresql":
+            return 0.0
+        async with self.engine.connect() as conn:
+            sent = self.clock()
+            remote = (await conn.execute(select(func.clock_timestamp()))).scalar_one()
+            back = self.clock()
+        return (remote - (sent + (back - sent) / 2)).total_seconds()
+
     async def claim_next(
         self: JobStore, owner: str, *, limit: int, lease: float, running: Collection[str] = (),
-        max_runs: int = 10,
+        max_runs: int = 10, takeover: bool = True,
     ) -> list[Job]:
         """Claim up to ``limit`` runnable jobs: PENDING ones and RUNNING ones whose lease expired.
 
@@ -54,7 +65,8 @@ class LeaseMixin:
         if limit <= 0:
             return []
         return await self._writer.run(ops.claim(owner, limit=limit, lease=lease, max_runs=max_runs,
-                                                at=self.clock(), running=running), urgent=True)
+                                                at=self.clock(), running=running, takeover=takeover),
+                                      urgent=True)
 
     async def reclaim_all(
         self: JobStore, owner: str, *, lease: float, is_dead: Callable[[str], bool], max_runs: int = 10,

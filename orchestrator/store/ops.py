@@ -245,9 +245,10 @@ def mark_progress(job_id: str, owner: str) -> Callable[[Dialect], Op[None]]:
 
 _RUNNABLE = (
     "SELECT id, state, lease_owner, recoveries FROM jobs WHERE ((state = 'PENDING' AND (run_after IS NULL"
-    " OR run_after <= {now})) OR (state = 'RUNNING' AND lease_expires_at < {now}))"
+    " OR run_after <= {now})) %s)"
     " AND spec_version <= :spec_version AND state_version <= :state_version"
     " ORDER BY created_at LIMIT :limit {skip_locked}")
+_LAPSED = "OR (state = 'RUNNING' AND lease_expires_at < {now})"
 _TAKE = (
     "UPDATE jobs SET state = 'RUNNING', lease_owner = :owner, started_at = COALESCE(started_at, :at),"
     " lease_expires_at = {until}, updated_at = :at, recoveries = recoveries + 1 WHERE id = :id"
@@ -259,18 +260,20 @@ _POISON = (
 
 
 def claim(owner: str, *, limit: int, lease: float, max_runs: int, at: datetime,
-          running: Iterable[str] = ()) -> Callable[[Dialect], Op[list[Job]]]:
+          running: Iterable[str] = (), takeover: bool = True) -> Callable[[Dialect], Op[list[Job]]]:
     """Claim up to ``limit`` runnable jobs and count the run each starts; return their snapshots.
 
-    Runnable: PENDING (and due), or RUNNING with a lapsed lease. ``running`` are the jobs the
-    caller runs right now: never claimed again, even if their lease lapsed. A job whose runs
-    keep being interrupted before any progress ends FAILED once it has run ``max_runs`` times.
+    Runnable: PENDING (and due), or (with ``takeover``) RUNNING with a lapsed lease. ``running``
+    are the jobs the caller runs right now: never claimed again, even if their lease lapsed. A
+    job whose runs keep being interrupted before any progress ends FAILED once it has run
+    ``max_runs`` times.
     """
     skip = set(running)
+    query = _RUNNABLE % (_LAPSED if takeover else "")
 
     def op(d: Dialect) -> Op[list[Job]]:
-        found = yield Sql(_RUNNABLE, {"spec_version": SPEC_VERSION, "state_version": STATE_TABLE_VERSION,
-                                      "limit": limit + min(len(skip), 1000)})
+        found = yield Sql(query, {"spec_version": SPEC_VERSION, "state_version": STATE_TABLE_VERSION,
+                                  "limit": limit + min(len(skip), 1000)})
         rows = [r for r in found.rows if r["id"] not in skip][:limit]
         return (yield from claim_rows(rows, owner, lease=lease, max_runs=max_runs, at=at))
 

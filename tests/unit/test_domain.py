@@ -8,11 +8,11 @@ from datetime import UTC, datetime
 
 import pytest
 
-from orchestrator.domain import Event, Job, Step, ownership_marker, with_marker
+from orchestrator.domain import Event, Job, Step, carries_marker, ownership_marker, with_marker
 from orchestrator.machine import STEP_ORDER, JobState, StepName, StepState
 
-JOB_ID = "3f9c2a1e-7b6d-4c1a-9e2f-0a1b2c3d4e5f"
-OTHER_ID = "aa11bb22-0000-4000-8000-000000000000"
+JOB_ID = "3f9c2a1e7b6d4c1a9e2f0a1b2c3d4e5f"
+OTHER_ID = "aa11bb2200004000800000000000000a"
 CREATED = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 UPDATED = datetime(2025, 1, 2, 3, 9, 0, tzinfo=UTC)
 
@@ -35,12 +35,26 @@ RESULT_KEYS = {
 
 
 def test_ownership_marker_shape():
-    assert ownership_marker(JOB_ID) == "[fabricflow:3f9c2a1e]"
-    assert re.fullmatch(r"\[fabricflow:[0-9a-f]{8}\]", ownership_marker(JOB_ID))
+    assert ownership_marker(JOB_ID) == "[fabricflow:3f9c2a1e7b6d4c1a]"
+    assert re.fullmatch(r"\[fabricflow:[0-9a-f]{16}\]", ownership_marker(JOB_ID))  # 64 bits
 
 
 def test_ownership_marker_short_id():
     assert ownership_marker("abc") == "[fabricflow:abc]"
+
+
+def test_a_marker_is_matched_as_a_whole_token_not_a_substring():
+    assert carries_marker(with_marker("ws", JOB_ID), JOB_ID)
+    assert not carries_marker(with_marker("ws", OTHER_ID), JOB_ID)
+    # Another job whose ID shares the first 16 digits but the token is longer: not this job's.
+    assert not carries_marker("ws [fabricflow:3f9c2a1e7b6d4c1aff]", JOB_ID)
+    assert not carries_marker("ws fabricflow:3f9c2a1e7b6d4c1a", JOB_ID)  # no brackets, no token
+    assert not carries_marker(None, JOB_ID)
+
+
+def test_markers_of_fabricflow_0_1_still_count_for_their_jobs():
+    assert carries_marker("ws [fabricflow:3f9c2a1e]", JOB_ID)  # 32 bits, as 0.1 wrote them
+    assert not carries_marker("ws [fabricflow:3f9c2a1e]", OTHER_ID)
 
 
 def test_markers_of_different_jobs_differ():
@@ -49,7 +63,7 @@ def test_markers_of_different_jobs_differ():
 
 def test_with_marker_appends_once():
     described = with_marker("apie test workspace", JOB_ID)
-    assert described == "apie test workspace [fabricflow:3f9c2a1e]"
+    assert described == "apie test workspace [fabricflow:3f9c2a1e7b6d4c1a]"
     assert described.count("[fabricflow:") == 1
 
 
@@ -61,13 +75,13 @@ def test_with_marker_is_idempotent():
 
 @pytest.mark.parametrize("description", ["", "   "])
 def test_with_marker_empty_description(description):
-    assert with_marker(description, JOB_ID) == "[fabricflow:3f9c2a1e]"
+    assert with_marker(description, JOB_ID) == "[fabricflow:3f9c2a1e7b6d4c1a]"
 
 
 def test_with_marker_keeps_another_jobs_marker_and_adds_its_own():
     theirs = with_marker("shared name", OTHER_ID)
     both = with_marker(theirs, JOB_ID)
-    assert both == f"{theirs} [fabricflow:3f9c2a1e]"
+    assert both == f"{theirs} [fabricflow:3f9c2a1e7b6d4c1a]"
     assert ownership_marker(OTHER_ID) in both and ownership_marker(JOB_ID) in both
 
 
