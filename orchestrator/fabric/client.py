@@ -100,6 +100,7 @@ class FabricClient:
         credentials: Credentials = Credentials(),
         timeouts: Timeouts = Timeouts(),
         read_attempts: int = 3,
+        max_in_flight: int = 100,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.ep_url = (ep_url or base_url).rstrip("/")
@@ -108,6 +109,10 @@ class FabricClient:
         self.read_attempts = read_attempts
         self._session: aiohttp.ClientSession | None = None
         self._cache: dict[str, tuple[float, asyncio.Future[Any]]] = {}
+        # Requests in flight at once (aiohttp's own connection limit is 100 too). Waiting for a
+        # slot costs a future; a request built and queued inside aiohttp costs kilobytes, which
+        # 10,000 jobs all polling after a restart would otherwise hold at the same moment.
+        self._slots = asyncio.Semaphore(max_in_flight)
 
     def __repr__(self) -> str:
         # Never the credentials themselves: only which kind is configured.
@@ -320,7 +325,7 @@ class FabricClient:
                                         sock_read=self.timeouts.read)
         acc = ChatAccumulator()
         try:
-            async with self._send("POST", self.ep_url, path, body=payload, timeout=timeout) as resp:
+            async with self._slots, self._send("POST", self.ep_url, path, body=payload, timeout=timeout) as resp:
                 if resp.status >= 400:
                     raise classify(kind="invoke", status=resp.status, body=await resp.read(),
                                    headers=resp.headers, what=what)
@@ -427,7 +432,8 @@ class FabricClient:
         if kind == "create":
             timeout = aiohttp.ClientTimeout(total=self.timeouts.create, sock_connect=self.timeouts.connect)
         try:
-            async with self._send(method, base, path, query=query, body=body, timeout=timeout) as resp:
+            async with self._slots, self._send(method, base, path, query=query, body=body,
+                                               timeout=timeout) as resp:
                 raw = await resp.read()
                 if resp.status >= 400:
                     raise classify(kind=kind, status=resp.status, body=raw, headers=resp.headers, what=what)
