@@ -144,7 +144,6 @@ class SQLiteWriter:
         self._closing = False
         self._sql: dict[str, str] = {}
         self._batches = self._ops = self._statements = 0
-        self._started = threading.Event()
         self._open_error: BaseException | None = None
         self._thread = threading.Thread(target=self._main, name="fabricflow-writer", daemon=True)
         self._thread.start()
@@ -183,11 +182,7 @@ class SQLiteWriter:
         return conn
 
     def _main(self) -> None:
-        try:
-            conn = self._connect()
-        except BaseException as exc:  # reported to every caller below
-            self._open_error = exc
-            conn = None
+        conn: sqlite3.Connection | None = None
         try:
             while True:
                 with self._cond:
@@ -200,6 +195,12 @@ class SQLiteWriter:
                         batch.append(self._urgent.popleft())
                     while self._normal and len(batch) < MAX_BATCH:
                         batch.append(self._normal.popleft())
+                if conn is None and self._open_error is None:
+                    # Only at the first write: a store opened to read never creates the file.
+                    try:
+                        conn = self._connect()
+                    except BaseException as exc:  # reported to every caller of this batch and later ones
+                        self._open_error = exc
                 results = self._commit(conn, batch)
                 by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
                 for (_, future, loop), outcome in zip(batch, results, strict=True):
