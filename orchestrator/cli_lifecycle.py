@@ -1,33 +1,39 @@
-"""Lifecycle commands: cancel, retry, teardown, invoke, chat. Registered on ``cli.main``."""
+"""Lifecycle commands: cancel, retry, teardown, invoke, chat.
+
+Each acts on a job that exists, so none of them creates a database: a missing SQLite file is
+"no database at PATH" (exit 3).
+"""
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from orchestrator.cli import (
+from orchestrator.cli_common import (
     EXIT_FAILED,
-    _follow,
-    _with_store,
     emit_json,
     finish_submitted,
+    follow,
     global_options,
-    main,
+    job_argument,
     run_async,
     settings_from,
+    with_store,
 )
-from orchestrator.config import Settings
-from orchestrator.domain import Invocation, Job
 from orchestrator.errors import FabricError, UserError
 from orchestrator.machine import JobKind, JobState, StepName, StepState
-from orchestrator.store.jobs import JobStore
+
+if TYPE_CHECKING:
+    from orchestrator.config import Settings
+    from orchestrator.domain import Invocation, Job
+    from orchestrator.store.jobs import JobStore
 
 
-@main.command()
-@click.argument("job_ref", metavar="JOB")
+@click.command()
+@job_argument
 @click.option("--teardown", "then_teardown", is_flag=True,
               help="Also delete what the job created (a teardown job, run once the job has stopped).")
 @click.option("--wait", is_flag=True, help="Wait until the job (and its teardown) has ended.")
@@ -54,18 +60,18 @@ def cancel(ctx: click.Context, job_ref: str, then_teardown: bool, wait: bool) ->
             click.echo(f"teardown job {teardown.id[:8]} submitted; a daemon runs it once the job has stopped",
                        err=True)
         if wait:
-            await _follow(store, job_id, printer=False)
+            await follow(store, job_id, printer=False)
             if teardown is not None:
-                return await _follow(store, teardown.id, printer=True)
+                return await follow(store, teardown.id, printer=True)
         return teardown
 
-    result = run_async(_with_store(settings, go))
+    result = run_async(with_store(settings, go))
     if wait and result is not None and result.state is not JobState.SUCCEEDED:
         ctx.exit(EXIT_FAILED)
 
 
-@main.command()
-@click.argument("job_ref", metavar="JOB")
+@click.command()
+@job_argument
 @global_options
 @click.pass_context
 def retry(ctx: click.Context, job_ref: str) -> None:
@@ -78,15 +84,15 @@ def retry(ctx: click.Context, job_ref: str) -> None:
     async def go(store: JobStore) -> Job:
         return await store.retry(await store.resolve(job_ref))
 
-    job = run_async(_with_store(settings, go))
+    job = run_async(with_store(settings, go))
     failed_at = next((s.name for s in job.steps.values() if s.state is StepState.PENDING
                       and s.attempts == 0 and s.started_at), None)
     where = f" from step {failed_at}" if failed_at else ""
     click.echo(f"job {job.id[:8]} is PENDING again{where}; a daemon will continue it", err=True)
 
 
-@main.command()
-@click.argument("job_ref", metavar="JOB")
+@click.command()
+@job_argument
 @click.option("--wait", is_flag=True, help="Wait until the teardown has ended; exit 1 if it fails.")
 @click.option("--json", "as_json", is_flag=True, help="Print the teardown job object (with --wait, when done).")
 @global_options
@@ -109,10 +115,10 @@ def teardown(ctx: click.Context, job_ref: str, wait: bool, as_json: bool) -> Non
         if wait:
             if not as_json:
                 click.echo(created.id)
-            return await _follow(store, created.id, printer=not as_json)
+            return await follow(store, created.id, printer=not as_json)
         return created
 
-    finish_submitted(ctx, run_async(_with_store(settings, go)), as_json=as_json, wait=wait)
+    finish_submitted(ctx, run_async(with_store(settings, go)), as_json=as_json, wait=wait)
 
 
 # --- invocations ------------------------------------------------------------------------------
@@ -183,8 +189,8 @@ def _embedded_hint(settings: Settings) -> None:
                         "`fabricflow emulator`)")
 
 
-@main.command()
-@click.argument("job_ref", metavar="JOB")
+@click.command()
+@job_argument
 @click.argument("message")
 @invocation_options
 @click.option("--json", "as_json", is_flag=True, help="Print the stored invocation record as JSON.")
@@ -209,7 +215,7 @@ def invoke(ctx: click.Context, job_ref: str, message: str, temperature: float | 
             return await _invoke_once(settings, store, job, client, messages,
                                       _options(temperature, max_tokens, top_p), echo=True)
 
-    record = run_async(_with_store(settings, go))
+    record = run_async(with_store(settings, go))
     if as_json:
         emit_json(record.as_json())
     if record.error:
@@ -217,8 +223,8 @@ def invoke(ctx: click.Context, job_ref: str, message: str, temperature: float | 
         ctx.exit(EXIT_FAILED)
 
 
-@main.command()
-@click.argument("job_ref", metavar="JOB")
+@click.command()
+@job_argument
 @invocation_options
 @global_options
 @click.pass_context
@@ -255,6 +261,7 @@ def chat(ctx: click.Context, job_ref: str, temperature: float | None, max_tokens
                     continue
                 history.append({"role": "assistant", "content": record.reply or ""})
 
-    run_async(_with_store(settings, go))
+    run_async(with_store(settings, go))
 
 
+COMMANDS = (cancel, retry, teardown, invoke, chat)

@@ -26,7 +26,12 @@ from pydantic_settings import (
 from orchestrator.errors import UserError
 
 EMBEDDED = "embedded"  # fabric_url value meaning "start the bundled emulator in-process"
-DEFAULT_CONFIG_FILE = Path(__file__).resolve().parent.parent / "config" / "default.toml"
+# Installed from a wheel, config/ is inside the package (pyproject.toml maps it there); in a
+# checkout, installed editable or not, it is at the repository's top level.
+_PACKAGE = Path(__file__).resolve().parent
+DEFAULT_CONFIG_FILE = _PACKAGE / "_config" / "default.toml"
+if not DEFAULT_CONFIG_FILE.is_file():
+    DEFAULT_CONFIG_FILE = _PACKAGE.parent / "config" / "default.toml"
 REGIONS = ("cn-north-4", "cn-southwest-2")
 
 

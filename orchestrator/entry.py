@@ -11,9 +11,14 @@ def main() -> None:
 
     SIGTERM before a command has installed its own handler (while the imports and migrations
     run) means "stop": nothing has started yet, so exit 0 like a drained daemon would. Commands
-    that hold work (run, daemon) replace this with their own draining handlers.
+    that hold work (run, daemon) replace this with their own draining handlers. Ctrl-C exits
+    130, as a shell reports it, not click's 1 (which means a failed job).
     """
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    from orchestrator.cli import main as cli_main
+    try:
+        from orchestrator.cli import main as cli_main
 
-    cli_main(prog_name="fabricflow")
+        cli_main(prog_name="fabricflow")
+    except KeyboardInterrupt:  # Ctrl-C before a command started (commands handle their own)
+        sys.stderr.write("\ninterrupted\n")
+        sys.exit(128 + signal.SIGINT)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import structlog
@@ -23,18 +23,30 @@ def drop_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, Any
     return event_dict
 
 
-def configure(level: str = "warning", fmt: str = "auto") -> None:
-    """Log to stderr: console lines on a terminal, JSON lines otherwise."""
-    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
-    renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if use_json
+def configure(level: str = "warning", fmt: str = "auto", *, color: bool | None = None,
+              lines: Callable[[str], None] | None = None) -> None:
+    """Log to stderr: console lines on a terminal, JSON lines otherwise.
+
+    ``color``: ANSI colours in console lines (default: when stderr is a terminal; the CLI passes
+    False under NO_COLOR). ``lines``: where a command prints its own progress for a person to
+    read (``fabricflow run``), log events become short lines through this function instead,
+    so that no log record lands in the middle of that output; ``fmt="json"`` still gets JSON.
+    """
+    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty() and lines is None)
+    colors = sys.stderr.isatty() if color is None else color
+    renderer: Any
+    if use_json:
+        renderer = structlog.processors.JSONRenderer()
+    elif lines is not None:
+        renderer = _as_lines(lines)
+    else:
         # show_locals off: a traceback's locals can hold the signing key.
-        else structlog.dev.ConsoleRenderer(
-            exception_formatter=structlog.dev.RichTracebackFormatter(show_locals=False)
-            if _has_rich() else structlog.dev.plain_traceback
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=colors,
+            exception_formatter=structlog.dev.RichTracebackFormatter(
+                show_locals=False, color_system="truecolor" if colors else None)
+            if _has_rich() else structlog.dev.plain_traceback,
         )
-    )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -48,6 +60,41 @@ def configure(level: str = "warning", fmt: str = "auto") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+# Keys every event carries that a progress line has no room for (the job is the run's own).
+_CONTEXT = ("timestamp", "level", "job_id", "logger", "exc_info", "stack")
+
+
+def as_line(event_dict: MutableMapping[str, Any]) -> str:
+    """One progress line for a log event: the step, then what happened, briefly."""
+    data = dict(event_dict)
+    event = str(data.pop("event", ""))
+    step = str(data.pop("step", None) or "")
+    level = str(data.get("level", ""))
+    for key in _CONTEXT:
+        data.pop(key, None)
+    if event == "stamina.retry_scheduled":  # an idempotent read retried within one attempt
+        return (f"{step:<17} retrying in {data.get('wait_for')}s (retry {data.get('retry_num')}): "
+                f"{_reason(str(data.get('caused_by', '')))}")
+    details = " ".join(f"{key}={value}" for key, value in data.items())
+    return f"{step:<17} {level}: {event} {details}".rstrip()
+
+
+def _reason(caused_by: str) -> str:
+    """``RetryableError('list workspaces: HTTP 429 ...')`` -> ``list workspaces: HTTP 429 ...``."""
+    head, sep, rest = caused_by.partition("(")
+    if sep and head.isidentifier() and rest.endswith(")") and rest[:1] in "'\"" and rest[-2:-1] == rest[:1]:
+        return rest[1:-2]
+    return caused_by
+
+
+def _as_lines(line: Callable[[str], None]) -> Callable[..., Any]:
+    def render(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> Any:
+        line(as_line(event_dict))
+        raise structlog.DropEvent
+
+    return render
 
 
 def _has_rich() -> bool:

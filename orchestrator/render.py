@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import sys
 import time
-from datetime import datetime
-from typing import TextIO
+from datetime import UTC, datetime
+from typing import Any, TextIO
 
 from orchestrator.domain import Event, Job
-from orchestrator.machine import JobKind, StepName, StepState
+from orchestrator.machine import ROWS, STEPS, JobKind, StepName, StepState
 
 
 def _short(job_id: str) -> str:
@@ -23,6 +23,10 @@ class ProgressPrinter:
         self.started = time.monotonic()
         self.last_output = self.started
         self._in_reply = False
+
+    def restart_clock(self) -> None:
+        """Count the elapsed time shown on each line from now (the job's submission)."""
+        self.started = self.last_output = time.monotonic()
 
     def _write(self, text: str) -> None:
         self.out.write(text)
@@ -80,7 +84,7 @@ def format_job(job: Job) -> str:
         lines.append(f"held by  {job.lease_owner} until {_when(job.lease_expires_at)}")
     if job.error:
         rid = f" (request {job.error['request_id']})" if job.error.get("request_id") else ""
-        lines.append(f"error    [{job.error.get('code')}] {job.error.get('message')}{rid}")
+        lines.append(f"error    {_error(job.error)}{rid}")
     lines.append("")
     header = f"{'STEP':<17} {'STATE':<10} {'RESOURCE':<36} {'STATUS':<14} {'TRIES':>5} {'TIME':>7}"
     lines.append(header)
@@ -88,11 +92,11 @@ def format_job(job: Job) -> str:
         step = job.steps[name]
         lines.append(
             f"{name:<17} {step.state:<10} {step.resource_id or '-':<36} "
-            f"{step.resource_status or '-':<14} {step.attempts:>5} "
+            f"{latest_status(job, name) or '-':<14} {step.attempts:>5} "
             f"{_duration(step.started_at, step.finished_at):>7}"
         )
         if step.error and step.state is not StepState.SUCCEEDED:
-            lines.append(f"{'':<17} ! [{step.error.get('code')}] {step.error.get('message')}")
+            lines.append(f"{'':<17} ! {_error(step.error)}")
     model = job.steps[StepName.MODEL]
     if job.kind is JobKind.CREATE and model.extra.get("version_id"):
         lines.append(f"\nmodel version  {model.extra['version_id']}")
@@ -103,9 +107,13 @@ def format_job(job: Job) -> str:
     return "\n".join(lines)
 
 
-def format_jobs(jobs: list[Job]) -> str:
-    """``fabricflow list``: one line per job."""
+def format_jobs(jobs: list[Job], *, state: str | None = None, name: str | None = None) -> str:
+    """``fabricflow list``: one line per job; with none, whether filters or an empty database
+    are the reason."""
     if not jobs:
+        filters = ([f"--state {state.upper()}"] if state else []) + ([f"--name {name!r}"] if name else [])
+        if filters:
+            return f"no job matches {' '.join(filters)}"
         return "no jobs yet: submit one with `fabricflow run SPEC` or `fabricflow submit SPEC`"
     rows = [f"{'ID':<10} {'STATE':<10} {'CREATED':<19}  NAME"]
     rows += [f"{_short(j.id):<10} {j.state:<10} {_when(j.created_at):<19}  {j.name}" for j in jobs]
@@ -117,3 +125,51 @@ def format_event(event: Event) -> str:
     what = event.step or "job"
     edge = f"{event.from_state or '-'} -> {event.to_state}" if event.to_state else "note"
     return f"{_when(event.at)}  {what:<17} {edge:<24} {event.detail or ''}"
+
+
+def _error(error: dict[str, Any]) -> str:
+    """``[code] message``, without the brackets when there is no code."""
+    code = error.get("code")
+    return f"[{code}] {error.get('message')}" if code else str(error.get("message"))
+
+
+def latest_status(job: Job, name: StepName) -> str | None:
+    """The newest status known for the resource a step is about.
+
+    A create step records the status its create returned (an endpoint's CREATING); the poll
+    step after it records later ones (RUNNING). Once a step has started, the resource's latest
+    recorded status is shown on it, whichever step of that resource recorded it.
+    """
+    step = job.steps[name]
+    if job.kind is not JobKind.CREATE or step.state is StepState.PENDING or ROWS[name].kind is None:
+        return step.resource_status
+    kind = ROWS[name].kind
+    known = [job.steps[row.name].resource_status for row in STEPS
+             if row.kind is kind and row.name in job.steps and job.steps[row.name].state is not StepState.PENDING
+             and job.steps[row.name].resource_status]
+    return known[-1] if known else step.resource_status
+
+
+def _elapsed(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def waiting_lines(job: Job, now: datetime | None = None) -> list[str]:
+    """For ``run``'s quiet stretches: each step in progress, how long it has been, its status."""
+    now = now or datetime.now(UTC)
+    lines = []
+    for name in job.order:
+        step = job.steps[name]
+        if step.state not in (StepState.WAITING, StepState.IN_FLIGHT):
+            continue
+        text = f"{name:<17} {step.state:<10}"
+        if step.started_at is not None:
+            text += f" {_elapsed((now - step.started_at).total_seconds())}"
+        status = latest_status(job, name)
+        lines.append(text + (f", status {status}" if status else ""))
+    return lines

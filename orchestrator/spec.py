@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -82,6 +81,12 @@ class ResourceSize(_Strict):
     spec_code: str = Field(min_length=1)
     min: int = Field(ge=0)
     max: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> ResourceSize:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
+        return self
 
 
 class EndpointSpec(_Strict):
@@ -215,7 +220,11 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
         # pydantic names the union member it validated against (loc[1]); users never wrote it.
         parts = [p for i, p in enumerate(loc) if not (i == 1 and p in _UNION_TAGS)]
         path = ".".join(str(p) for p in parts) or "(top level)"
-        lines.append(f"{source}: {path}: {err['msg']}")
+        message = err["msg"]
+        if err["type"] == "value_error" and "error" in err.get("ctx", {}):
+            # Our validators' messages are sentences already; pydantic prefixes "Value error, ".
+            message = str(err["ctx"]["error"])
+        lines.append(f"{source}: {path}: {message}")
     return "\n".join(dict.fromkeys(lines))
 
 
@@ -229,11 +238,25 @@ def parse_spec(data: Any, source: str = "spec") -> JobSpec:
         raise UserError(format_validation_error(exc, source)) from None
 
 
+#: The largest spec file read, in bytes. Real specs are a few hundred bytes; a YAML parser
+#: takes minutes and hundreds of MB over a file of tens of MB, so a bigger one is refused unread.
+MAX_SPEC_BYTES = 1024 * 1024
+
+
 def read_spec_data(path: str | Path) -> Any:
     """Read a YAML or JSON spec file as plain data, not yet validated (see ``parse_spec``)."""
+    import yaml
+
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as handle:
+            # At most one byte past the limit, whatever the file claims its size is (a pipe).
+            raw = handle.read(MAX_SPEC_BYTES + 1)
+        if len(raw) > MAX_SPEC_BYTES:
+            size = f"{path.stat().st_size:,} bytes, more" if path.is_file() else "more"
+            raise UserError(f"{path}: too large for a job spec: {size} than the limit of 1 MB "
+                            f"({MAX_SPEC_BYTES:,} bytes)")
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -20,6 +20,11 @@ from collections.abc import Callable, Iterable, Mapping
 from .config import EmulatorConfig
 from .errors import invalid
 
+
+class StateFileError(Exception):
+    """The ``--state-file`` exists but cannot be loaded (unreadable, not JSON, not our shape)."""
+
+
 KINDS = ("workspace", "endpoint", "model", "service_instance")
 # Kinds with a lifecycle; workspaces and models are created and deleted synchronously.
 STATEFUL = ("endpoint", "service_instance")
@@ -254,8 +259,20 @@ class Store:
         os.replace(tmp, path)
 
     def _load(self, path: str) -> None:
-        with open(path, encoding="utf-8") as handle:
-            doc = json.load(handle)
+        """Load a state file, or raise StateFileError saying why it cannot be one."""
+        try:
+            with open(path, encoding="utf-8") as handle:
+                doc = json.load(handle)
+            if not isinstance(doc, dict):
+                raise TypeError(f"a JSON object was expected, not {type(doc).__name__}")
+            self._load_doc(doc)
+        except OSError as exc:
+            raise StateFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # json.JSONDecodeError is a ValueError
+            reason = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
+            raise StateFileError(f"{path}: not an emulator state file ({reason})") from None
+
+    def _load_doc(self, doc: dict[str, Any]) -> None:
         offset = self.wall_clock().timestamp() - self.clock()
         for row in doc.get("resources", []):
             row["created_at"] -= offset

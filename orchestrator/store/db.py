@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
+import os
 import sqlite3
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +21,8 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, InvalidRequestError, NoSuchModuleError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from orchestrator.errors import UserError
+from orchestrator.errors import NotFoundError, UserError
+from orchestrator.store.readonly import sqlite_problem
 
 # Installed from a wheel, migrations/ is inside the package (pyproject.toml maps it there); in a
 # checkout, installed editable or not, it is at the repository's top level.
@@ -85,7 +92,9 @@ def _create_engine(url: str) -> AsyncEngine:
         if parsed.drivername == "sqlite":
             parsed = parsed.set(drivername="sqlite+aiosqlite")
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            # "~" as the writer (stdlib sqlite3 on the same path) and sqlite_path() read it.
+            parsed = parsed.set(database=str(Path(parsed.database).expanduser()))
+        # No directory is made here: only prepare() creates a database, and only for a writer.
         # A generous busy timeout: the CLI and the daemon share the file and wait for each other
         # rather than fail with "database is locked".
         engine = create_async_engine(parsed, connect_args={"timeout": 30})
@@ -166,30 +175,97 @@ async def prepare(engine: AsyncEngine, url: str, *, auto_upgrade: bool) -> None:
 
     SQLite files are upgraded on the spot (one daemon owns a file); a shared PostgreSQL database
     is upgraded only by ``fabricflow db upgrade``, so several daemons never race a migration.
+    A missing SQLite file is created (with its directory) only when ``auto_upgrade`` allows it.
     """
     where = describe(url)
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
+        if not auto_upgrade:
+            raise NotFoundError(f"no database at {path}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"{where}: cannot create its directory: {exc.strerror or exc}") from None
     try:
-        state = await schema_state(engine)
-        if state.foreign:
-            raise UserError(f"{where}: not a fabricflow database (it holds other tables)")
+        state = await _usable_state(engine, url)
         if state.is_current:
             return
-        known = {s.revision for s in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
-        if state.current is not None and state.current not in known:
-            raise UserError(
-                f"{where}: schema revision {state.current} is newer than this fabricflow "
-                f"(knows up to {state.head}); upgrade fabricflow"
-            )
         if not auto_upgrade:
             raise UserError(
                 f"{where}: schema is at {state.current or 'nothing'}, this fabricflow needs "
-                f"{state.head}; run: fabricflow db upgrade --db '{make_url(url).render_as_string(hide_password=True)}'"
+                f"{state.head}; run: fabricflow db upgrade --db '{_safe(url)}'"
             )
-        await upgrade(engine)
+        async with migration_lock(path):
+            # Whoever held the lock before may have migrated already: look again.
+            if not (await _usable_state(engine, url)).is_current:
+                await upgrade(engine)
     except DBAPIError as exc:
         raise UserError(f"{where}: {database_problem(exc)}") from None
     except (OSError, NoSuchModuleError) as exc:
         raise UserError(f"{where}: cannot open: {exc}") from None
+
+
+async def _usable_state(engine: AsyncEngine, url: str) -> SchemaState:
+    """The schema's state, refused if the tables are not fabricflow's or are newer than it."""
+    state = await schema_state(engine)
+    if state.foreign:
+        raise UserError(f"{describe(url)}: not a fabricflow database (it holds other tables)")
+    if not state.is_current and state.current is not None:
+        known = {s.revision for s in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+        if state.current not in known:
+            raise UserError(
+                f"{describe(url)}: schema revision {state.current} is newer than this fabricflow "
+                f"(knows up to {state.head}); upgrade fabricflow"
+            )
+    return state
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL; None for other backends, in-memory databases and non-URLs
+    (which ``create_engine`` reports)."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return None
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return Path(parsed.database).expanduser()
+
+
+#: The longest a process waits for another's migration of the same SQLite file, in seconds.
+MIGRATION_LOCK_WAIT = 120.0
+
+
+@contextlib.asynccontextmanager
+async def migration_lock(path: Path | None) -> AsyncIterator[None]:
+    """Hold an OS lock on ``<file>.migration.lock`` beside a SQLite file while it is migrated.
+
+    Without it, the first users of a new file (twenty ``fabricflow submit`` started at once)
+    each find it empty and race to create the same tables: SQLite's busy timeout does not help a
+    transaction that read before it writes, so most failed with "database is locked". With it,
+    one migrates while the others wait, then find the schema current. The lock is taken only
+    when a migration is due, so reading a current database never makes the file.
+    """
+    if path is None:  # PostgreSQL: migrated only by `fabricflow db upgrade`
+        yield
+        return
+    lock_path = path.with_name(path.name + ".migration.lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + MIGRATION_LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise UserError(f"{path}: another process has been migrating this database for "
+                                    f"{MIGRATION_LOCK_WAIT:g}s ({lock_path} is locked); try again") from None
+                # Polled rather than blocking in a thread, so that Ctrl-C ends the wait at once.
+                await asyncio.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # releases the lock (as the kernel does if this process dies)
 
 
 def database_problem(exc: DBAPIError) -> str:
@@ -197,15 +273,5 @@ def database_problem(exc: DBAPIError) -> str:
     orig = exc.orig
     text = str(orig).splitlines()[0] if orig is not None else str(exc)
     if isinstance(orig, sqlite3.DatabaseError) or "sqlite" in type(orig).__module__:
-        lowered = text.lower()
-        if "file is not a database" in lowered:
-            return "not a SQLite database file"
-        if "readonly" in lowered or "read-only" in lowered:
-            return "the database is read-only"
-        if "locked" in lowered or "busy" in lowered:
-            return "the database is locked by another process"
-        if "disk is full" in lowered or "full" in lowered:
-            return "the disk is full"
-        if "unable to open" in lowered:
-            return "cannot open the database file (check the directory exists and is writable)"
+        return sqlite_problem(text) or text
     return text

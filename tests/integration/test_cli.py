@@ -7,10 +7,19 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+import structlog
 from click.testing import CliRunner
 
 from orchestrator.cli import main
 from tests.conftest import QUICKSTART
+
+
+@pytest.fixture(autouse=True)
+def _structlog_reset():
+    """The CLI configures structlog for the process, bound to this test's stderr: undo it, so
+    later tests in the session log as unconfigured structlog does (test_clock.py relies on it)."""
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture
@@ -104,10 +113,10 @@ def test_bad_spec_exit_2_and_nothing_written(cli, tmp_path):
 
 
 def test_unknown_and_ambiguous_job_ids(cli):
+    ids = [cli("submit", str(QUICKSTART)).stdout.strip() for _ in range(20)]
     result = cli("show", "abc123")
     assert result.exit_code == 3
     assert "no job 'abc123'" in result.stderr
-    ids = [cli("submit", str(QUICKSTART)).stdout.strip() for _ in range(20)]
     common = next(p for p in "0123456789abcdef" if sum(i.startswith(p) for i in ids) >= 2)
     result = cli("show", common)
     assert result.exit_code == 2
@@ -147,10 +156,11 @@ def test_unknown_config_key_is_exit_2(cli, tmp_path):
 
 def test_global_options_before_the_command(tmp_path):
     db = tmp_path / "g.db"
+    submitted = CliRunner().invoke(main, ["--db", f"sqlite+aiosqlite:///{db}", "submit", str(QUICKSTART)])
+    assert submitted.exit_code == 0, submitted.output
     result = CliRunner().invoke(main, ["--db", f"sqlite+aiosqlite:///{db}", "list", "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout) == []
-    assert db.exists()
+    assert [job["id"] for job in json.loads(result.stdout)] == [submitted.stdout.strip()]
 
 
 def test_help_teaches(cli):

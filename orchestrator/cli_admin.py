@@ -1,0 +1,132 @@
+"""The commands around the jobs: the emulator, the database schema, the configuration."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import click
+
+from orchestrator.cli_common import Group, emit_json, global_options, run_async, settings_from
+from orchestrator.errors import UserError
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0 picks a free port.")
+@click.option("--ready-after", type=float, default=2.0, show_default=True, help="Seconds an endpoint stays CREATING.")
+@click.option("--instance-ready-after", type=float, default=1.0, show_default=True,
+              help="Seconds a service instance stays CREATING.")
+@click.option("--delete-after", type=float, default=0.5, show_default=True,
+              help="Seconds an endpoint or service instance stays DELETING.")
+@click.option("--cold-start", type=float, default=0.0, show_default=True,
+              help="Seconds the first invocation waits when the endpoint's mu min is 0.")
+@click.option("--fail-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Share of requests answered with a transient 429/500/502/503/504.")
+@click.option("--drop-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Share of creates whose resource is created but whose response is never sent.")
+@click.option("--slow-rate", type=click.FloatRange(0, 1), default=0.0, help="Share of requests delayed.")
+@click.option("--cut-rate", type=click.FloatRange(0, 1), default=0.0, help="Share of streams cut mid-way.")
+@click.option("--create-fail", metavar="REGEX", help="Endpoints whose name matches end in CREATE_FAILED.")
+@click.option("--instance-fail", metavar="REGEX", help="Service instances whose name matches end in FAILED.")
+@click.option("--seed", type=int, help="Seed for every random fault decision (reproducible runs).")
+@click.option("--auth", type=click.Choice(["none", "token", "aksk"]), default="none", show_default=True)
+@click.option("--token", help="The accepted X-Auth-Token with --auth token.")
+@click.option("--ak", help="The accepted access key with --auth aksk.")
+@click.option("--sk", help="The secret key of --ak.")
+@click.option("--max-clock-skew", type=float, default=900, show_default=True,
+              help="Allowed X-Sdk-Date skew in seconds; 0 turns the check off.")
+@click.option("--state-file", type=click.Path(dir_okay=False), help="Keep resources across emulator restarts.")
+@global_options
+def emulator(host: str, port: int, ready_after: float, instance_ready_after: float,
+             delete_after: float, cold_start: float, fail_rate: float,
+             drop_rate: float, slow_rate: float, cut_rate: float, create_fail: str | None,
+             instance_fail: str | None,
+             seed: int | None, auth: str, token: str | None, ak: str | None, sk: str | None,
+             max_clock_skew: float, state_file: str | None) -> None:
+    """Serve the local Fabric API emulator (both hosts on one port) until Ctrl-C.
+
+    GET /_emulator/stats counts what was created, per kind and name.
+    """
+    from orchestrator.emulator.app import serve
+    from orchestrator.emulator.config import EmulatorConfig
+    from orchestrator.emulator.resources import StateFileError
+
+    try:
+        config = EmulatorConfig(
+            ready_after=ready_after, instance_ready_after=instance_ready_after, delete_after=delete_after,
+            cold_start=cold_start, fail_rate=fail_rate,
+            drop_rate=drop_rate, slow_rate=slow_rate, cut_rate=cut_rate, create_fail=create_fail,
+            instance_fail=instance_fail,
+            seed=seed, auth=auth, token=token, ak=ak, sk=sk,  # type: ignore[arg-type]
+            max_clock_skew=max_clock_skew, state_file=state_file,
+        )
+    except Exception as exc:  # re.error, ValueError: a bad option value
+        raise UserError(f"emulator: {exc}") from None
+    if state_file is not None:
+        _check_state_file(Path(state_file))
+
+    def ready(url: str) -> None:
+        click.echo(f"fabricflow emulator listening on {url} (auth {auth}); Ctrl-C to stop", err=True)
+
+    try:
+        serve(config, host, port, on_ready=ready)
+    except StateFileError as exc:
+        raise UserError(f"emulator: --state-file {exc}") from None
+    except OSError as exc:  # binding: the state file's errors are StateFileError
+        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        hint = "; another process listens there (--port 0 picks a free port)" if exc.errno == errno.EADDRINUSE else ""
+        raise UserError(f"emulator: cannot listen on {host}:{port}: {reason}{hint}") from None
+
+
+def _check_state_file(path: Path) -> None:
+    """Refuse a state file the emulator could not write later, before it starts listening."""
+    where = path.parent if str(path.parent) else Path(".")
+    if not where.is_dir():
+        raise UserError(f"emulator: --state-file {path}: no directory {where}")
+    if not os.access(where, os.W_OK):
+        raise UserError(f"emulator: --state-file {path}: directory {where} is not writable")
+
+
+@click.group(cls=Group, name="db")
+@global_options
+def db_group() -> None:
+    """Database schema commands."""
+
+
+@db_group.command()
+@global_options
+@click.pass_context
+def upgrade(ctx: click.Context) -> None:
+    """Apply every pending migration to the database (creating it if needed)."""
+    from orchestrator.store import db
+    from orchestrator.store.jobs import JobStore
+
+    settings = settings_from(ctx)
+
+    async def go() -> str:
+        store = await JobStore.open(settings.db, auto_upgrade=True)
+        await store.close()
+        return db.head_revision()
+
+    head = run_async(go())
+    click.echo(f"{db.describe(settings.db)}: schema at {head} (current)")
+
+
+@click.group(cls=Group, name="config")
+@global_options
+def config_group() -> None:
+    """Configuration commands."""
+
+
+@config_group.command(name="show")
+@click.option("--json", "as_json", is_flag=True, help="JSON, as without it (for symmetry with the other commands).")
+@global_options
+@click.pass_context
+def config_show(ctx: click.Context, as_json: bool) -> None:
+    """Print the effective settings as JSON, secrets masked."""
+    emit_json(settings_from(ctx, configure_logs=False).masked())
+
+
+COMMANDS = (emulator, db_group, config_group)

@@ -1,0 +1,231 @@
+"""What every command module of the CLI shares: global options, Settings, exit codes, stores.
+
+Exit codes: 0 success, 1 the job failed, 2 bad input, 3 not found, 130 interrupted (Ctrl-C;
+128 + the signal's number for other signals, as shells report it).
+
+Nothing heavy is imported at module level here or in the command modules: SQLAlchemy, Alembic,
+aiohttp, pydantic-settings and the engine are imported inside the commands that need them, so
+``--help``, ``--version`` and the read commands start quickly (benchmarks/startup.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from orchestrator.errors import OrchestratorError, UserError
+
+if TYPE_CHECKING:
+    from orchestrator.config import Settings
+    from orchestrator.domain import Event, Job
+    from orchestrator.store.jobs import JobStore
+    from orchestrator.store.readonly import ReadOnlyStore
+
+T = TypeVar("T")
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, what a shell reports for Ctrl-C
+
+#: Job IDs are this many hexadecimal digits (uuid4().hex); a longer "prefix" is no job's.
+JOB_ID_LENGTH = 32
+
+# --- global options, accepted before or after the command ----------------------------------
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    if value is not None:
+        ctx.find_root().meta.setdefault("fabricflow.globals", {})[param.name] = value
+    return value
+
+
+def global_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --config, --db, --fabric-url, --fabric-ep-url, --region, --log-level to a command."""
+    options = [
+        click.option("--config", "config", type=click.Path(dir_okay=False), expose_value=False,
+                     callback=_remember, help="TOML file overriding config/default.toml."),
+        click.option("--db", "db", metavar="URL", expose_value=False, callback=_remember,
+                     help="SQLAlchemy URL of the job database [env FABRICFLOW_DB; default a SQLite "
+                          "file under ~/.local/share/fabricflow]."),
+        click.option("--fabric-url", "fabric_url", metavar="URL", expose_value=False, callback=_remember,
+                     help="Fabric API base URL [env FABRICFLOW_FABRIC_URL; default: the embedded emulator]."),
+        click.option("--fabric-ep-url", "fabric_ep_url", metavar="URL", expose_value=False,
+                     callback=_remember, help="fabric-ep host (service instances, invocations); "
+                     "defaults to --fabric-url."),
+        click.option("--region", "region", metavar="REGION", expose_value=False, callback=_remember,
+                     help="Use the real Fabric hosts of a region, e.g. cn-north-4."),
+        click.option("--log-level", "log_level", expose_value=False, callback=_remember,
+                     type=click.Choice(["debug", "info", "warning", "error"]),
+                     help="Structured logs on stderr at this level."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def settings_from(ctx: click.Context, *, configure_logs: bool = True,
+                  log_lines: Callable[[str], None] | None = None) -> Settings:
+    """Settings from the global options given anywhere on the command line.
+
+    ``configure_logs`` sets up structlog (commands that only read the database log nothing);
+    ``log_lines`` turns log events into lines of a command's own progress output (``run``).
+    """
+    from orchestrator.config import load_settings
+
+    given = dict(ctx.find_root().meta.get("fabricflow.globals", {}))
+    config_file = given.pop("config", None)
+    settings = load_settings(config_file, **given)
+    ctx.find_root().meta["fabricflow.db"] = settings.db
+    if configure_logs:
+        from orchestrator import logs
+
+        # NO_COLOR (no-color.org): any non-empty value turns ANSI colours off.
+        color = sys.stderr.isatty() and not os.environ.get("NO_COLOR")
+        logs.configure(settings.log_level, settings.log_format, color=color, lines=log_lines)
+    return settings
+
+
+def run_async(coro: Awaitable[T]) -> T:
+    """Run a coroutine on a fresh event loop."""
+    import asyncio
+
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+class Group(click.Group):
+    """Turns expected errors into one clear line on stderr and the documented exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OrchestratorError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(getattr(exc, "exit_code", 2))
+        except KeyboardInterrupt:
+            # Not click's "Aborted!" and exit 1, which the README reserves for a failed job.
+            click.echo("\ninterrupted", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+        except Exception as exc:
+            # SQLAlchemy is imported only by commands that use it; if it is not loaded, this is
+            # no database error.
+            sa_exc = sys.modules.get("sqlalchemy.exc")
+            if sa_exc is None or not isinstance(exc, sa_exc.DBAPIError):
+                raise
+            # The database failed mid-command (locked, read-only, disk full): one line, no SQL.
+            from orchestrator.store import db
+
+            url = ctx.find_root().meta.get("fabricflow.db")
+            where = db.describe(url) if url else "database"
+            click.echo(f"error: {where}: {db.database_problem(exc)}", err=True)
+            ctx.exit(2)
+
+
+def emit_json(data: Any) -> None:
+    """One JSON document on stdout."""
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+# --- JOB arguments --------------------------------------------------------------------------
+
+
+def _job_ref(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    ref = value.strip().lower()
+    if len(ref) > JOB_ID_LENGTH:
+        raise UserError(f"not a job ID: {ref[:12]!r}... is {len(ref):,} characters long; a job ID has "
+                        f"{JOB_ID_LENGTH} hexadecimal digits (any unique prefix of one will do)")
+    return ref
+
+
+def job_argument(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The JOB argument (an ID or a unique prefix of one), checked before any query."""
+    return click.argument("job_ref", metavar="JOB", callback=_job_ref)(func)
+
+
+# --- stores ----------------------------------------------------------------------------------
+
+
+async def open_store(settings: Settings, *, create: bool) -> JobStore:
+    """The job store; ``create`` lets a missing SQLite file be created (commands that submit).
+
+    Without it, a missing file is "no database at PATH" (exit 3) and nothing is written.
+    """
+    from orchestrator.store import db
+    from orchestrator.store.jobs import JobStore
+
+    path = db.sqlite_path(settings.db)
+    missing = not create and path is not None and not path.exists()
+    # Opened without auto-upgrade, a missing file is reported by db.prepare (after a bad URL,
+    # which create_engine reports first), not created. An existing older file is still migrated.
+    return await JobStore.open(settings.db, auto_upgrade=False if missing else None)
+
+
+async def with_store(settings: Settings, func: Callable[[JobStore], Awaitable[T]]) -> T:
+    """``func(store)`` on the store of an existing database, closed afterwards."""
+    store = await open_store(settings, create=False)
+    try:
+        return await func(store)
+    finally:
+        await store.close()
+
+
+async def open_reader(settings: Settings) -> JobStore | ReadOnlyStore:
+    """A store to read from; it never creates a database.
+
+    A SQLite file at the current schema is read through stdlib sqlite3, read-only (no
+    SQLAlchemy to import); anything else through JobStore, which migrates an older SQLite file
+    as every command does.
+    """
+    from orchestrator.store.readonly import ReadOnlyStore, sqlite_file
+
+    path = sqlite_file(settings.db)
+    reader = ReadOnlyStore.open(path) if path is not None else None
+    return reader if reader is not None else await open_store(settings, create=False)
+
+
+async def with_reader(settings: Settings, func: Callable[[Any], Awaitable[T]]) -> T:
+    """``func(store)`` on a reading store (see ``open_reader``), closed afterwards."""
+    store = await open_reader(settings)
+    try:
+        return await func(store)
+    finally:
+        await store.close()
+
+
+async def follow_events(store: Any, job_id: str, *, after: int = 0) -> AsyncIterator[Event]:
+    """The job's events as they are committed, until it has ended and its last event is out."""
+    import asyncio
+
+    while True:
+        ended = (await store.get(job_id)).state.is_terminal  # read before the events: none missed
+        for event in await store.events(job_id, after=after):
+            after = event.id
+            yield event
+        if ended:
+            return
+        await asyncio.sleep(0.5)
+
+
+async def follow(store: Any, job_id: str, *, printer: bool) -> Job:
+    """Print the job's events to stderr as they are committed until it ends; returns the final job."""
+    from orchestrator.render import format_event
+
+    async for event in follow_events(store, job_id):
+        if printer:
+            click.echo(format_event(event), err=True)
+    return await store.get(job_id)
+
+
+def finish_submitted(ctx: click.Context, job: Any, *, as_json: bool, wait: bool) -> None:
+    """Print a submitted job (its ID, or the object with --json); exit 1 if a waited job failed."""
+    from orchestrator.machine import JobState
+
+    if as_json:
+        emit_json(job.as_json())
+    elif not wait:
+        click.echo(job.id)
+    if wait and job.state is not JobState.SUCCEEDED:
+        ctx.exit(EXIT_FAILED)
