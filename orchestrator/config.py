@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
-from sqlalchemy.engine import make_url
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -153,6 +152,8 @@ class Settings(BaseSettings):
 
     def masked(self) -> dict[str, Any]:
         """Effective settings for display: secrets shown as ``********`` when set."""
+        from sqlalchemy.engine import make_url  # here: reading commands never import SQLAlchemy
+
         data = self.model_dump(mode="json", exclude={"config_files"})
         try:
             data["db"] = make_url(self.db).render_as_string(hide_password=True)
