@@ -59,8 +59,13 @@ async def create(rt: Runner, ctx: Context, name: StepName, ops: CreateStep) -> N
         # A PENDING step has never sent its create: the intent is durable before any create
         # leaves. A look-up can only find a same-named resource that this job did not make, and
         # none can exist inside a workspace this job created itself; elsewhere, look first.
-        if name is StepName.WORKSPACE or not _own_workspace(ctx.job):
+        first = _first_create(ctx, name)
+        if first or not _own_workspace(ctx.job):
             try:
+                if first:
+                    # Before the job's first create, every catalogue value it will send (spec_code,
+                    # base_model_type) is checked: a bad spec must leave no resource behind.
+                    await _check_catalogues(rt, ctx)
                 if await _look(rt, ctx, name, ops, state, request_name, marker):
                     return
             except (RetryableError, NeedsReconcileError) as exc:
@@ -311,6 +316,25 @@ async def check_reused(client: FabricClient, spec: JobSpec) -> None:
             missing.append(f"model {spec.model.id}")
     if missing:
         raise NotFoundError("; ".join(f"{m} (reused by the spec) does not exist" for m in missing))
+
+
+def _first_create(ctx: Context, name: StepName) -> bool:
+    """True when ``name`` is the job's first create: every create step before it reused."""
+    for step in CREATE_STEPS:
+        if step is name:
+            return True
+        if ctx.job.step(step).state is not StepState.SKIPPED:
+            return False
+    return False
+
+
+async def _check_catalogues(rt: Runner, ctx: Context) -> None:
+    """Raise TerminalError if a later create would send a value Fabric's catalogues lack."""
+    assert ctx.spec is not None
+    for ops in CREATE_STEPS.values():
+        if ops.validate is not None and ops.reuse(ctx.spec) is None:
+            part = getattr(ctx.spec, ops.spec_key)
+            await ops.validate(rt.client, part.model_dump(mode="json", exclude_none=True))
 
 
 def _own_workspace(job: Job) -> bool:

@@ -223,13 +223,18 @@ async def test_unknown_spec_code_and_base_model_fail_before_creating(store, emul
     assert job.error["code"] == "fabricflow.invalid_spec"
     assert "unknown spec_code mu.nope; Fabric offers" in job.error["message"]
     assert "mu.llama3.8b" in job.error["message"]
+    # Checked before the job's first create: not even its workspace was made.
+    assert (await stats(emulator.url))["created"]["workspace"] == {}
     assert (await stats(emulator.url))["created"]["endpoint"] == {}
+    assert job.steps[StepName.WORKSPACE].state is StepState.FAILED
 
     model = {**spec_data["model"], "version": {"name": "v1", "config": {
         "llm_model_config": {"base_model_type": "GPT_99", "model_path": "obs://b/m"}}}}
     job = await run_job(store, emulator.url, make_spec(dict(spec_data, workspace={"name": "otherws"}, model=model)))
     assert job.state is JobState.FAILED
     assert "unknown base_model_type GPT_99" in job.error["message"]
+    assert (await stats(emulator.url))["created"] == {"workspace": {}, "endpoint": {}, "model": {},
+                                                      "service_instance": {}}
 
 
 async def test_runner_that_lost_its_lease_sends_no_create(store, emulator, spec_data):

@@ -156,7 +156,8 @@ def test_retries_during_run_are_progress_lines_not_log_records(tmp_path):
         emulator.stop()
 
     assert code == 0, printed
-    retries = re.findall(r"^\[ *[\d.]+s\] workspace +retrying in [\d.]+s \(retry (\d)\): list workspaces: "
+    # The job's first request: the catalogue check before its first create.
+    retries = re.findall(r"^\[ *[\d.]+s\] workspace +retrying in [\d.]+s \(retry (\d)\): list spec_codes: "
                          r"HTTP 503", printed, re.MULTILINE)
     assert retries == ["1", "2"], printed
     assert "stamina.retry_scheduled" not in printed and ANSI not in printed
