@@ -150,7 +150,7 @@ class Runner:
         settings: EngineSettings = EngineSettings(),
         poller: SharedPoller | None = None,
         observer: Observer | None = None,
-        stop: asyncio.Event | None = None,
+        stop: StopSignal | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.store = store
@@ -163,8 +163,7 @@ class Runner:
         self.rng = rng or random.Random()
         self._cancels: dict[str, asyncio.Event] = {}
         self._sleepers: dict[str, asyncio.Future[None]] = {}  # a sleeping job's wake-up
-        if isinstance(self.stop, StopSignal):
-            self.stop.on_set(self._wake_all)
+        self.stop.on_set(self._wake_all)
 
     def active(self) -> list[str]:
         """IDs of the jobs this runner is running right now."""
@@ -350,24 +349,15 @@ class Runner:
         if ctx.deadline is not None:
             seconds = min(seconds, max(0.0, (ctx.deadline - self.store.clock()).total_seconds()))
         if seconds > 0 and not (self.stop.is_set() or ctx.cancel.is_set()):
-            if isinstance(self.stop, StopSignal):
-                # One future and one timer per sleep, woken by a cancel or the stop signal: a
-                # daemon with thousands of jobs waiting keeps no helper tasks per sleep.
-                loop = asyncio.get_running_loop()
-                sleeper: asyncio.Future[None] = loop.create_future()
-                timer = loop.call_later(seconds, lambda: sleeper.done() or sleeper.set_result(None))
-                self._sleepers[ctx.job.id] = sleeper
-                try:
-                    await sleeper
-                finally:
-                    timer.cancel()
-                    self._sleepers.pop(ctx.job.id, None)
-            else:
-                stop = asyncio.ensure_future(self.stop.wait())
-                cancel = asyncio.ensure_future(ctx.cancel.wait())
-                try:
-                    await asyncio.wait((stop, cancel), timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    stop.cancel()
-                    cancel.cancel()
+            # One future and one timer per sleep, woken by a cancel or the stop signal: a daemon
+            # with thousands of jobs waiting keeps no helper tasks per sleep.
+            loop = asyncio.get_running_loop()
+            sleeper: asyncio.Future[None] = loop.create_future()
+            timer = loop.call_later(seconds, lambda: sleeper.done() or sleeper.set_result(None))
+            self._sleepers[ctx.job.id] = sleeper
+            try:
+                await sleeper
+            finally:
+                timer.cancel()
+                self._sleepers.pop(ctx.job.id, None)
         self.checkpoint(ctx, None)

@@ -28,6 +28,7 @@ from orchestrator.machine import (
 from orchestrator.spec import JobSpec
 from orchestrator.store import db, ops
 from orchestrator.store.leases import NOTIFY_CHANNEL, LeaseMixin
+from orchestrator.store.readonly import job_from_row, job_ref, the_one
 from orchestrator.store.schema import events, invocations, jobs, steps
 from orchestrator.store.writer import Dialect, Op, PostgresWriter, SQLiteWriter, Sql, Writer
 
@@ -211,19 +212,12 @@ class JobStore(LeaseMixin):
 
     async def resolve(self, ref: str) -> str:
         """The full job ID for an ID or a unique prefix of one."""
-        ref = ref.strip().lower()
-        if not ref or not all(c in "0123456789abcdef" for c in ref):
-            raise NotFoundError(f"no job {ref!r}: job IDs are hexadecimal")
+        ref = job_ref(ref)
         async with self.engine.connect() as conn:
             rows = (
                 await conn.execute(select(jobs.c.id).where(jobs.c.id.startswith(ref)).limit(6))
             ).scalars().all()
-        if not rows:
-            raise NotFoundError(f"no job {ref!r}")
-        if len(rows) > 1:
-            listed = ", ".join(r[:12] for r in rows[:5])
-            raise UserError(f"job ID prefix {ref!r} is ambiguous: it matches {listed}; type more of it")
-        return rows[0]
+        return the_one(ref, list(rows))
 
     async def get(self, job_id: str) -> Job:
         """The job with its steps; NotFoundError if there is none."""
@@ -327,7 +321,7 @@ class JobStore(LeaseMixin):
 
 
 def _job(row: Any, step_rows: Iterable[Any]) -> Job:
-    return ops.job_from_row(row, step_rows)
+    return job_from_row(row, step_rows)
 
 
 def _writer_for(engine: AsyncEngine, clock: Callable[[], datetime]) -> Writer:

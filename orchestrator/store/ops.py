@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 from orchestrator.domain import Job, Step
@@ -29,6 +29,7 @@ from orchestrator.machine import (
     order_of,
 )
 from orchestrator.spec import SPEC_VERSION
+from orchestrator.store.readonly import job_from_row
 from orchestrator.store.writer import Dialect, Op, Sql
 
 _EVENT = ("INSERT INTO events (job_id, at, step, from_state, to_state, detail) "
@@ -346,49 +347,8 @@ def read_jobs(job_ids: Sequence[str]) -> Op[list[Job]]:
     return sorted((job_from_row(r, by_job.get(r["id"], [])) for r in jobs.rows), key=lambda j: order[j.id])
 
 
-# --- rows to snapshots -----------------------------------------------------------------------
-
-def _when(value: Any) -> datetime | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def _json(value: Any) -> Any:
-    return json.loads(value) if isinstance(value, str | bytes) else value
-
-
-def step_from_row(s: Any) -> Step:
-    """A step snapshot from a row as any driver returns it."""
-    return Step(
-        name=StepName(s["name"]), state=StepState(s["state"]), resource_id=s["resource_id"],
-        resource_status=s["resource_status"], request_name=s["request_name"], extra=_json(s["extra"]) or {},
-        attempts=s["attempts"], error=_json(s["error"]), started_at=_when(s["started_at"]),
-        updated_at=_when(s["updated_at"]), finished_at=_when(s["finished_at"]),
-    )
-
-
-def job_from_row(row: Any, step_rows: Iterable[Any]) -> Job:
-    """A job snapshot from rows as any driver returns them (SQLAlchemy's or the raw driver's)."""
-    return Job(
-        id=row["id"], name=row["name"], state=JobState(row["state"]), spec=_json(row["spec"]),
-        kind=JobKind(row["kind"]), parent_id=row["parent_id"],
-        cancel_requested_at=_when(row["cancel_requested_at"]), started_at=_when(row["started_at"]),
-        steps={StepName(s["name"]): step_from_row(s) for s in step_rows},
-        created_at=_when(row["created_at"]), updated_at=_when(row["updated_at"]),  # type: ignore[arg-type]
-        spec_version=row["spec_version"], state_version=row["state_version"], error=_json(row["error"]),
-        result=_json(row["result"]), lease_owner=row["lease_owner"],
-        lease_expires_at=_when(row["lease_expires_at"]), recoveries=row["recoveries"],
-        finished_at=_when(row["finished_at"]),
-    )
-
-
 def applied(job: Job, moves: Sequence[StepMove], *, at: datetime) -> Job:
     """The snapshot after ``moves`` were committed: the runner knows what it wrote."""
-    from dataclasses import replace
-
     steps = dict(job.steps)
     for move in moves:
         old = steps[move.name]

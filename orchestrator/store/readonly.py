@@ -95,25 +95,17 @@ class ReadOnlyStore:
 
     async def resolve(self, ref: str) -> str:
         """The full job ID for an ID or a unique prefix of one (as JobStore.resolve)."""
-        ref = ref.strip().lower()
-        if not ref or not all(c in "0123456789abcdef" for c in ref):
-            raise NotFoundError(f"no job {ref!r}: job IDs are hexadecimal")
+        ref = job_ref(ref)
         # Every ID starting with ref sorts in [ref, ref + "g"): IDs are lowercase hex digits.
-        rows = [r["id"] for r in self._rows("SELECT id FROM jobs WHERE id >= ? AND id < ? ORDER BY id LIMIT 6",
-                                            ref, ref + "g")]
-        if not rows:
-            raise NotFoundError(f"no job {ref!r}")
-        if len(rows) > 1:
-            listed = ", ".join(r[:12] for r in rows[:5])
-            raise UserError(f"job ID prefix {ref!r} is ambiguous: it matches {listed}; type more of it")
-        return rows[0]
+        return the_one(ref, [r["id"] for r in self._rows(
+            "SELECT id FROM jobs WHERE id >= ? AND id < ? ORDER BY id LIMIT 6", ref, ref + "g")])
 
     async def get(self, job_id: str) -> Job:
         """The job with its steps; NotFoundError if there is none."""
         found = self._rows("SELECT * FROM jobs WHERE id = ?", job_id)
         if not found:
             raise NotFoundError(f"no job {job_id!r}")
-        return _job(found[0], self._rows("SELECT * FROM steps WHERE job_id = ?", job_id))
+        return job_from_row(found[0], self._rows("SELECT * FROM steps WHERE job_id = ?", job_id))
 
     async def list(self, *, state: str | None = None, name: str | None = None, limit: int = 100) -> list[Job]:
         """Jobs, newest first, without their steps; ``name`` matches as a substring (as LIKE does)."""
@@ -127,7 +119,7 @@ class ReadOnlyStore:
             params.append(f"%{escaped}%")
         sql = ("SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
                + " ORDER BY created_at DESC LIMIT ?")
-        return [_job(row, ()) for row in self._rows(sql, *params, limit)]
+        return [job_from_row(row, ()) for row in self._rows(sql, *params, limit)]
 
     async def events(self, job_id: str, *, after: int = 0) -> list[Event]:
         """The job's events with an id greater than ``after``, oldest first."""
@@ -154,8 +146,26 @@ def _revision(conn: sqlite3.Connection, path: Path) -> str | None:
     return row[0] if row else None
 
 
-# Rows to snapshots. The same mapping as the store's ops.job_from_row, which SQLAlchemy's rows
-# go through; it is repeated here because importing that module costs what this one saves.
+def job_ref(ref: str) -> str:
+    """A job reference as typed, normalised; NotFoundError unless it can be (part of) a job ID."""
+    ref = ref.strip().lower()
+    if not ref or not all(c in "0123456789abcdef" for c in ref):
+        raise NotFoundError(f"no job {ref!r}: job IDs are hexadecimal")
+    return ref
+
+
+def the_one(ref: str, ids: list[str]) -> str:
+    """The single job ID a prefix matched; NotFoundError for none, UserError for several."""
+    if not ids:
+        raise NotFoundError(f"no job {ref!r}")
+    if len(ids) > 1:
+        listed = ", ".join(i[:12] for i in ids[:5])
+        raise UserError(f"job ID prefix {ref!r} is ambiguous: it matches {listed}; type more of it")
+    return ids[0]
+
+
+# Rows to snapshots, from any driver's rows (stdlib sqlite3's, SQLAlchemy's, the writer's): the
+# one mapping, kept here because this module imports nothing heavy (store/ops.py uses it too).
 
 def _when(value: Any) -> datetime | None:
     if value is None:
@@ -168,7 +178,8 @@ def _json(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str | bytes) else value
 
 
-def _step(s: sqlite3.Row) -> Step:
+def step_from_row(s: Any) -> Step:
+    """A step snapshot from a row as any driver returns it."""
     return Step(
         name=StepName(s["name"]), state=StepState(s["state"]), resource_id=s["resource_id"],
         resource_status=s["resource_status"], request_name=s["request_name"], extra=_json(s["extra"]) or {},
@@ -177,12 +188,13 @@ def _step(s: sqlite3.Row) -> Step:
     )
 
 
-def _job(row: sqlite3.Row, step_rows: Iterable[sqlite3.Row]) -> Job:
+def job_from_row(row: Any, step_rows: Iterable[Any]) -> Job:
+    """A job snapshot from rows as any driver returns them."""
     return Job(
         id=row["id"], name=row["name"], state=JobState(row["state"]), spec=_json(row["spec"]),
         kind=JobKind(row["kind"]), parent_id=row["parent_id"],
         cancel_requested_at=_when(row["cancel_requested_at"]), started_at=_when(row["started_at"]),
-        steps={StepName(s["name"]): _step(s) for s in step_rows},
+        steps={StepName(s["name"]): step_from_row(s) for s in step_rows},
         created_at=_when(row["created_at"]), updated_at=_when(row["updated_at"]),  # type: ignore[arg-type]
         spec_version=row["spec_version"], state_version=row["state_version"], error=_json(row["error"]),
         result=_json(row["result"]), lease_owner=row["lease_owner"],
