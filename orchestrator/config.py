@@ -83,6 +83,22 @@ class DaemonSettings(_Section):
     drain_seconds: float = Field(default=20.0, gt=0)
 
 
+class ReconcileSettings(_Section):
+    """Exactly once against a real cloud: a create whose answer was lost may still be carried out.
+
+    After an unknown outcome (and before re-sending the create of a step found IN_FLIGHT after a
+    crash), no create leaves until look-ups over ``settle_seconds`` have found nothing: the
+    longest time a request may still be carried out after it was sent. Meanwhile the engine
+    looks every ``look_interval`` seconds (doubling, capped at 4x), each look an event.
+    ``final_sweep`` lists each created resource's name once more at the job's end and deletes any
+    extra resource that carries this job's marker (never the recorded one).
+    """
+
+    settle_seconds: float = Field(default=120.0, ge=0)
+    look_interval: float = Field(default=5.0, gt=0)
+    final_sweep: bool = True
+
+
 class EmulatorSettings(_Section):
     """The embedded emulator used when ``fabric_url = "embedded"``."""
 
@@ -119,6 +135,7 @@ class Settings(BaseSettings):
     poll: PollSettings = PollSettings()
     retry: RetrySettings = RetrySettings()
     daemon: DaemonSettings = DaemonSettings()
+    reconcile: ReconcileSettings = ReconcileSettings()
     emulator: EmulatorSettings = EmulatorSettings()
 
     # Set by load_settings(); not a setting a user writes.
@@ -261,4 +278,8 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         raise UserError(f"http.create_timeout ({settings.http.create_timeout:g}s) must be shorter than "
                         f"daemon.lease_seconds ({settings.daemon.lease_seconds:g}s): a create still in the air "
                         "when a lease lapses could be sent twice")
+    if settings.reconcile.settle_seconds < settings.http.create_timeout:
+        raise UserError(f"reconcile.settle_seconds ({settings.reconcile.settle_seconds:g}s) must be at least "
+                        f"http.create_timeout ({settings.http.create_timeout:g}s): a create the client gave up "
+                        "on may still be carried out that long after it was sent")
     return settings

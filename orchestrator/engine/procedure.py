@@ -8,13 +8,18 @@ resumes from without a second create.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
+
+import structlog
 
 from orchestrator.domain import Job, carries_marker, ownership_marker
 from orchestrator.engine.steps import CREATE_STEPS, POLL_STEPS, CreateStep, Found, PollStep, invocation_body
 from orchestrator.errors import (
+    FabricError,
     NeedsReconcileError,
     NotFoundError,
     ResourceFailedError,
@@ -29,6 +34,8 @@ from orchestrator.machine import ROWS, Action, StepName, StepState, poll_delay
 
 if TYPE_CHECKING:
     from orchestrator.engine.runner import Context, Runner
+
+log = structlog.get_logger(__name__)
 
 
 async def advance(rt: Runner, ctx: Context, name: StepName) -> None:
@@ -55,6 +62,9 @@ async def create(rt: Runner, ctx: Context, name: StepName, ops: CreateStep) -> N
     state, attempts = step.state, step.attempts
     marker = ownership_marker(ctx.job.id)
     leased_at: float | None = None
+    # A step found IN_FLIGHT was left so by an earlier run, whose create may have been sent and
+    # may still be carried out: nothing is created again before a settle window of look-ups.
+    settle = _Settle(rt.settings.settle_seconds, "an earlier run") if state is StepState.IN_FLIGHT else None
     if state is StepState.PENDING:
         # A PENDING step has never sent its create: the intent is durable before any create
         # leaves. A look-up can only find a same-named resource that this job did not make, and
@@ -82,9 +92,13 @@ async def create(rt: Runner, ctx: Context, name: StepName, ops: CreateStep) -> N
             state, leased_at = StepState.IN_FLIGHT, time.monotonic()
     while True:
         try:
-            # Resumed, or after an unknown outcome: this job may have created it already.
-            if leased_at is None and await _look(rt, ctx, name, ops, state, request_name, marker):
-                return
+            if leased_at is None:
+                # Resumed, or after a failed attempt: this job may have created it already. When a
+                # create may still be carried out, only a confirmed listing counts.
+                if await _look(rt, ctx, name, ops, state, request_name, marker, confirm=settle is not None):
+                    return
+                if settle is not None and await _settling(rt, ctx, name, ops, request_name, settle):
+                    continue
             job = ctx.job
             body = ops.body(job, spec)
             if ops.validate is not None:
@@ -103,39 +117,149 @@ async def create(rt: Runner, ctx: Context, name: StepName, ops: CreateStep) -> N
                 await rt.store.note(job.id, f"created {ops.kind} {created.id} after the lease was lost",
                                     step=name)
                 raise
+            if settle is not None:
+                # More than one create of this step may have been carried out: remove any other.
+                await rt.flush(ctx)
+                await repair(rt, ctx, name, ops, request_name, keep=created.id)
             return
-        except (RetryableError, NeedsReconcileError) as exc:
+        except NeedsReconcileError as exc:
+            # The create may still be carried out, however long after: settle before another.
+            leased_at = None
+            settle = _Settle(rt.settings.settle_seconds, "the last attempt")
+            attempts = await rt.retry(ctx, name, state, attempts, exc)
+        except RetryableError as exc:
             leased_at = None
             attempts = await rt.retry(ctx, name, state, attempts, exc)
         except TerminalError as exc:
             await rt.fail(ctx, name, state, exc)
 
 
+@dataclass
+class _Settle:
+    """The settle window after a create whose outcome is unknown: no create before ``until``."""
+
+    seconds: float
+    source: str  # whose create may still land, for the events
+    until: float = 0.0
+    looks: int = 0
+
+    def __post_init__(self) -> None:
+        # From now: the request was sent before now, so it cannot land later than this.
+        self.until = time.monotonic() + self.seconds
+
+
+async def _settling(rt: Runner, ctx: Context, name: StepName, ops: CreateStep, request_name: str,
+                    settle: _Settle) -> bool:
+    """After a look that found nothing: True (having waited) while the settle window lasts, so
+    that the caller looks again; False once it is over and a create may go ahead. Every look is
+    an event, so ``fabricflow events`` shows why the job waits."""
+    await rt.progressed(ctx)  # Fabric answered: this run is not one more interrupted one
+    settle.looks += 1
+    left = settle.until - time.monotonic()
+    what = f"look {settle.looks}: no {ops.kind} named {request_name!r} carries this job's marker"
+    if left <= 0:
+        if settle.seconds > 0:
+            await rt.store.note(ctx.job.id, f"{what}; the settle window ({settle.seconds:g}s) is over, "
+                                "so it is created", step=name)
+        return False
+    wait = min(left, rt.settings.look_interval * 2 ** min(settle.looks - 1, 2))
+    held = (" (the requested cancel waits for it: stopping now could leave a resource no job records)"
+            if ctx.cancel.is_set() or ctx.job.cancel_requested_at is not None else "")
+    await rt.store.note(ctx.job.id, f"{what} yet; a create sent by {settle.source} may still be carried out, "
+                        f"so none is sent for {left:.0f}s more (settle window {settle.seconds:g}s); "
+                        f"looking again in {wait:.1f}s{held}", step=name)
+    await rt.sleep(ctx, wait, cancellable=False)
+    return True
+
+
 async def _look(rt: Runner, ctx: Context, name: StepName, ops: CreateStep, state: StepState,
-                request_name: str, marker: str) -> bool:
+                request_name: str, marker: str, *, confirm: bool = False) -> bool:
     """Look the resource up by exact name and marker: adopt this job's own, settle a same-named
     one that is not (adopt or refuse); False when there is none and a create may go ahead."""
     # Whatever it finds, a commit follows (an intent, an adoption, a failure): that commit ends
     # the streak of interrupted runs, so the answer needs no write of its own.
-    matches = await ops.find(rt.client, ctx.job, request_name)
+    matches = await ops.find(rt.client, ctx.job, request_name, confirm)
     ours = [m for m in matches if carries_marker(m.description, ctx.job.id)]
-    if len(ours) > 1:
-        ids = ", ".join(m.id for m in ours)
-        raise TerminalError(f"several {ops.kind}s named {request_name!r} carry this job's "
-                            f"marker {marker}: {ids}; delete the extra ones and retry the job",
-                            code="fabricflow.duplicates")
     if ours:
+        # Several carry this job's marker only when a create was carried out more than once:
+        # keep one (not a failed one, the oldest where Fabric lists oldest first), delete the rest.
+        keep = sorted(ours, key=lambda m: (m.status or "").endswith("FAILED"))[0]
         if state is StepState.PENDING:  # only a lost intent can lead here; record one first
             await rt.move(ctx, name, state, StepState.IN_FLIGHT, f"intent: create {ops.kind} {request_name!r}",
                           request_name=request_name)
             state = StepState.IN_FLIGHT
-        await _done(rt, ctx, name, state, ours[0],
-                    f"found {ops.kind} {ours[0].id} created earlier by this job; adopted")
+        await _done(rt, ctx, name, state, keep,
+                    f"found {ops.kind} {keep.id} created earlier by this job; adopted")
+        if len(ours) > 1:
+            await rt.flush(ctx)
+            await _delete_extras(rt, ctx, name, ops, request_name, [m for m in ours if m is not keep], keep.id)
         return True
     if matches:
         await _existing(rt, ctx, name, ops, state, request_name, matches)
         return True
     return False
+
+
+async def repair(rt: Runner, ctx: Context, name: StepName, ops: CreateStep, request_name: str, *,
+                 keep: str, matches: list[Found] | None = None) -> None:
+    """Delete every resource named ``request_name`` that carries this job's marker, except
+    ``keep`` (the recorded one): duplicates a cloud carried out behind the engine's back."""
+    if matches is None:
+        try:
+            matches = await ops.find(rt.client, ctx.job, request_name, False)
+        except FabricError as exc:
+            await rt.store.note(ctx.job.id, f"could not look for duplicates of {ops.kind} {keep}: {exc.message}; "
+                                "`fabricflow orphans` finds any", step=name)
+            return
+    extras = [m for m in matches if _extra(m, keep, ctx.job.id)]
+    if extras:
+        await _delete_extras(rt, ctx, name, ops, request_name, extras, keep)
+
+
+def _extra(found: Found, keep: str | None, job_id: str) -> bool:
+    """An extra copy: this job's marker, not the recorded one, not already on its way out."""
+    return (found.id != keep and carries_marker(found.description, job_id)
+            and found.status not in ("DELETING", "DELETED"))
+
+
+async def _delete_extras(rt: Runner, ctx: Context, name: StepName, ops: CreateStep, request_name: str,
+                         extras: list[Found], keep: str) -> None:
+    for extra in extras:
+        try:
+            await ops.delete(rt.client, ctx.job, extra.id)
+            detail = (f"deleted duplicate {ops.kind} {extra.id}: named {request_name!r} with this job's "
+                      f"marker, but {keep} is the one recorded")
+        except FabricError as exc:
+            detail = (f"could not delete duplicate {ops.kind} {extra.id} ({exc.message}); "
+                      "`fabricflow orphans --delete` removes it")
+        log.warning("duplicate_found", kind=ops.kind, resource_id=extra.id, kept=keep)
+        await rt.store.note(ctx.job.id, detail, step=name)
+
+
+async def sweep(rt: Runner, ctx: Context) -> None:
+    """At the job's end: for each resource this job created, list its name once more and delete
+    any extra one carrying the job's marker (a late create, a duplicate the cloud made), newest
+    step first. Reads only, unless something is found; never fails the job."""
+    created = [(n, ops, ctx.job.step(n)) for n, ops in CREATE_STEPS.items()
+               if ctx.job.step(n).state is StepState.SUCCEEDED and ctx.job.step(n).resource_id
+               and ctx.job.step(n).request_name and not ctx.job.step(n).extra.get("adopted")]
+    found = await asyncio.gather(*(ops.find(rt.client, ctx.job, step.request_name or "", False)
+                                   for _, ops, step in created), return_exceptions=True)
+    flushed = False
+    for (n, ops, step), matches in reversed(list(zip(created, found, strict=True))):
+        if isinstance(matches, BaseException):
+            if not isinstance(matches, FabricError):
+                raise matches
+            await rt.store.note(ctx.job.id, f"final sweep: could not list {ops.kind}s named {step.request_name!r}: "
+                                f"{matches.message}; `fabricflow orphans` finds any duplicate", step=n)
+            continue
+        extras = [m for m in matches if _extra(m, step.resource_id, ctx.job.id)]
+        if extras:
+            if not flushed:
+                await rt.flush(ctx)
+                flushed = True
+            assert step.resource_id is not None
+            await _delete_extras(rt, ctx, n, ops, step.request_name or "", extras, step.resource_id)
 
 
 async def _done(rt: Runner, ctx: Context, name: StepName, src: StepState, found: Found, detail: str) -> None:

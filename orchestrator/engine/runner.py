@@ -69,6 +69,9 @@ class EngineSettings:
     attempts_per_step: tuple[tuple[str, int], ...] = ()
     max_runs: int = 10  # runs in a row without progress before a job is failed as poison
     lease_seconds: float = 30.0
+    settle_seconds: float = 120.0  # after an unknown outcome, look this long before creating again
+    look_interval: float = 5.0  # between look-ups in the settle window (doubling, capped at 4x)
+    final_sweep: bool = True  # at the job's end, delete extra resources carrying its marker
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EngineSettings:
@@ -77,7 +80,10 @@ class EngineSettings:
                    max_attempts=settings.retry.max_attempts, backoff_base=settings.retry.backoff_base,
                    backoff_cap=settings.retry.backoff_cap,
                    attempts_per_step=tuple(sorted(settings.retry.per_step.items())),
-                   max_runs=settings.daemon.max_recoveries, lease_seconds=settings.daemon.lease_seconds)
+                   max_runs=settings.daemon.max_recoveries, lease_seconds=settings.daemon.lease_seconds,
+                   settle_seconds=settings.reconcile.settle_seconds,
+                   look_interval=settings.reconcile.look_interval,
+                   final_sweep=settings.reconcile.final_sweep)
 
     def attempts_for(self, step: StepName) -> int:
         """The retry limit of one step: its override, or ``max_attempts``."""
@@ -238,13 +244,17 @@ class Runner:
                         await teardown.advance(self, ctx, name)
         except StepFailed as failed:
             if not failed.recorded:
+                await self._sweep(ctx)
                 where = f"step {failed.step} failed: " if failed.step else ""
                 await self.end(ctx, JobEnd(JobState.FAILED, f"{where}{failed.error['message']}",
                                            {"error": failed.error}))
+            else:
+                await self._sweep(ctx)  # the job is FAILED already; its duplicates go all the same
             log.info("job_transitioned", to="FAILED", step=str(failed.step))
             return JobState.FAILED
         except Cancelled:
             step = next_step({n: s.state for n, s in ctx.job.steps.items()}, ctx.job.order)
+            await self._sweep(ctx)
             await self.end(ctx, JobEnd(JobState.CANCELLED, f"cancelled at a safe point (at step {step})",
                                        {"error": None}))
             log.info("job_transitioned", to="CANCELLED")
@@ -253,9 +263,22 @@ class Runner:
             await self.end(ctx, JobEnd(JobState.PENDING, f"released by {self.owner} (shutting down)"))
             log.info("job_released")
             return JobState.PENDING
+        await self._sweep(ctx)
         await self.end(ctx, JobEnd(JobState.SUCCEEDED, "all steps succeeded", {"error": None}))
         log.info("job_transitioned", to="SUCCEEDED")
         return JobState.SUCCEEDED
+
+    async def _sweep(self, ctx: Context) -> None:
+        """The final sweep of a creating job (``procedure.sweep``), when configured; the ending
+        job's outcome never depends on it."""
+        if ctx.job.kind is not JobKind.CREATE or not self.settings.final_sweep or ctx.spec is None:
+            return
+        from orchestrator.engine import procedure
+
+        try:
+            await procedure.sweep(self, ctx)
+        except FabricError as exc:
+            log.warning("final_sweep_failed", error=exc.message)
 
     async def end(self, ctx: Context, end: JobEnd) -> None:
         """The job leaves RUNNING, in one transaction with its staged step transitions."""
@@ -311,6 +334,14 @@ class Runner:
         ctx.unproven = False  # a committed transition resets the poison count too
         self._report(ctx, staged)
 
+    async def flush(self, ctx: Context) -> None:
+        """Commit the staged step ends now (before an action that must come after them)."""
+        if ctx.staged:
+            staged, result = ctx.staged, ctx.staged_result
+            await self.store.commit(ctx.job.id, self.owner, staged, result=result)
+            ctx.staged, ctx.staged_result = [], None
+            self._report(ctx, staged)
+
     def _report(self, ctx: Context, committed: list[StepMove]) -> None:
         for move in committed:
             log.info("step_transitioned", step=str(move.name), **{"from": str(move.expected), "to": str(move.to)},
@@ -344,11 +375,16 @@ class Runner:
         log.info("job_transitioned", to="FAILED", step=str(name))
         raise StepFailed(name, error, recorded=True)
 
-    async def sleep(self, ctx: Context, seconds: float) -> None:
-        """Sleep; wake early at this safe point to drain, cancel, or end a timed-out job."""
+    async def sleep(self, ctx: Context, seconds: float, *, cancellable: bool = True) -> None:
+        """Sleep; wake early at this safe point to drain, cancel, or end a timed-out job.
+
+        ``cancellable=False``: a requested cancel does not end this sleep (a settle window,
+        which must run its course before the job may stop); draining and the timeout still do.
+        """
         if ctx.deadline is not None:
             seconds = min(seconds, max(0.0, (ctx.deadline - self.store.clock()).total_seconds()))
-        if seconds > 0 and not (self.stop.is_set() or ctx.cancel.is_set()):
+        cancelled = ctx.cancel.is_set() and cancellable
+        if seconds > 0 and not (self.stop.is_set() or cancelled):
             # One future and one timer per sleep, woken by a cancel or the stop signal: a daemon
             # with thousands of jobs waiting keeps no helper tasks per sleep.
             loop = asyncio.get_running_loop()
@@ -360,4 +396,7 @@ class Runner:
             finally:
                 timer.cancel()
                 self._sleepers.pop(ctx.job.id, None)
-        self.checkpoint(ctx, None)
+        if cancellable:
+            self.checkpoint(ctx, None)
+        elif self.stop.is_set():
+            raise Released

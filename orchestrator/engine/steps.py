@@ -33,9 +33,10 @@ class CreateStep:
 
     kind: str
     spec_key: str
-    find: Callable[[FabricClient, Job, str], Awaitable[list[Found]]]
+    find: Callable[[FabricClient, Job, str, bool], Awaitable[list[Found]]]  # name, confirm
     create: Callable[[FabricClient, Job, dict[str, Any]], Awaitable[Found]]
-    get: Callable[[FabricClient, Job, str], Awaitable[Found | None]] | None = None  # for reuse
+    get: Callable[[FabricClient, Job, str], Awaitable[Found | None]]  # for reuse
+    delete: Callable[[FabricClient, Job, str], Awaitable[None]]  # a duplicate; gone already is fine
     validate: Callable[[FabricClient, dict[str, Any]], Awaitable[None]] | None = None  # before create
 
     def body(self, job: Job, spec: JobSpec) -> dict[str, Any]:
@@ -65,8 +66,8 @@ def _ws(job: Job) -> str:
     return workspace_id
 
 
-async def _find_workspaces(client: FabricClient, job: Job, name: str) -> list[Found]:
-    return [Found(w.id, None, w.description) for w in await client.find_workspaces(name)]
+async def _find_workspaces(client: FabricClient, job: Job, name: str, confirm: bool) -> list[Found]:
+    return [Found(w.id, None, w.description) for w in await client.find_workspaces(name, confirm=confirm)]
 
 
 async def _create_workspace(client: FabricClient, job: Job, body: dict[str, Any]) -> Found:
@@ -79,8 +80,9 @@ async def _get_workspace(client: FabricClient, job: Job, workspace_id: str) -> F
     return Found(w.id, None, w.description) if w else None
 
 
-async def _find_endpoints(client: FabricClient, job: Job, name: str) -> list[Found]:
-    return [Found(e.id, e.status, e.description) for e in await client.find_endpoints(_ws(job), name)]
+async def _find_endpoints(client: FabricClient, job: Job, name: str, confirm: bool) -> list[Found]:
+    return [Found(e.id, e.status, e.description)
+            for e in await client.find_endpoints(_ws(job), name, confirm=confirm)]
 
 
 async def _create_endpoint(client: FabricClient, job: Job, body: dict[str, Any]) -> Found:
@@ -98,11 +100,11 @@ async def _get_endpoint(client: FabricClient, job: Job, endpoint_id: str) -> Fou
     return Found(e.id, e.status, e.description)
 
 
-async def _find_models(client: FabricClient, job: Job, name: str) -> list[Found]:
+async def _find_models(client: FabricClient, job: Job, name: str, confirm: bool) -> list[Found]:
     return [
         Found(m.id, None, m.description,
               {"version_id": m.current_version.id if m.current_version else None})
-        for m in await client.find_models(_ws(job), name)
+        for m in await client.find_models(_ws(job), name, confirm=confirm)
     ]
 
 
@@ -118,9 +120,34 @@ async def _get_model(client: FabricClient, job: Job, model_id: str) -> Found | N
     return Found(m.id, None, m.description, {"version_id": m.current_version.id if m.current_version else None})
 
 
-async def _find_instances(client: FabricClient, job: Job, name: str) -> list[Found]:
+async def _find_instances(client: FabricClient, job: Job, name: str, confirm: bool) -> list[Found]:
     return [Found(i.id, i.status, i.description)
-            for i in await client.find_service_instances(_ws(job), name)]
+            for i in await client.find_service_instances(_ws(job), name, confirm=confirm)]
+
+
+async def _gone_already(delete: Awaitable[None]) -> None:
+    """Await a delete; a resource that is already gone (404) is what was wanted."""
+    try:
+        await delete
+    except TerminalError as exc:
+        if exc.status != 404:
+            raise
+
+
+async def _delete_workspace(client: FabricClient, job: Job, workspace_id: str) -> None:
+    await _gone_already(client.delete_workspace(workspace_id))
+
+
+async def _delete_endpoint(client: FabricClient, job: Job, endpoint_id: str) -> None:
+    await _gone_already(client.delete_endpoint(_ws(job), endpoint_id))
+
+
+async def _delete_model(client: FabricClient, job: Job, model_id: str) -> None:
+    await _gone_already(client.delete_model(_ws(job), model_id))
+
+
+async def _delete_instance(client: FabricClient, job: Job, instance_id: str) -> None:
+    await _gone_already(client.delete_service_instance(_ws(job), instance_id))
 
 
 async def _create_instance(client: FabricClient, job: Job, body: dict[str, Any]) -> Found:
@@ -153,14 +180,25 @@ async def _validate_model(client: FabricClient, body: dict[str, Any]) -> None:
                             f"{', '.join(sorted(known)) or 'none'}", code="fabricflow.invalid_spec")
 
 
+async def _get_instance(client: FabricClient, job: Job, instance_id: str) -> Found | None:
+    try:
+        i = await client.show_service_instance(_ws(job), instance_id)
+    except TerminalError as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return Found(i.id, i.status, i.description)
+
+
 CREATE_STEPS: dict[StepName, CreateStep] = {
     StepName.WORKSPACE: CreateStep("workspace", "workspace", _find_workspaces, _create_workspace,
-                                   _get_workspace),
+                                   _get_workspace, _delete_workspace),
     StepName.ENDPOINT: CreateStep("endpoint", "endpoint", _find_endpoints, _create_endpoint,
-                                  _get_endpoint, _validate_endpoint),
-    StepName.MODEL: CreateStep("model", "model", _find_models, _create_model, _get_model, _validate_model),
+                                  _get_endpoint, _delete_endpoint, _validate_endpoint),
+    StepName.MODEL: CreateStep("model", "model", _find_models, _create_model, _get_model, _delete_model,
+                               _validate_model),
     StepName.SERVICE_INSTANCE: CreateStep("service_instance", "service_instance", _find_instances,
-                                          _create_instance),
+                                          _create_instance, _get_instance, _delete_instance),
 }
 
 

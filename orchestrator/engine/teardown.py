@@ -131,7 +131,7 @@ async def _targets(rt: Runner, parent: Job, name: StepName) -> tuple[str, list[s
     # Also look by name and marker: a create whose answer was never recorded (a step left
     # IN_FLIGHT, a runner that lost its lease) still left a resource that is the job's.
     try:
-        found = await CREATE_STEPS[name].find(rt.client, parent, pstep.request_name)
+        found = await CREATE_STEPS[name].find(rt.client, parent, pstep.request_name, True)  # confirmed
     except TerminalError as exc:
         if exc.status != 404:
             raise

@@ -95,10 +95,11 @@ def classify(
     request_id = headers.get("X-Request-Id") or headers.get("x-request-id") or _body_request_id(body)
     text = f"{what}: HTTP {status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
     common = dict(status=status, code=code or str(status), request_id=request_id)
-    if status == 429 or status in (502, 503, 504):
+    if status in (429, 503):
         return RetryableError(text, retry_after=parse_retry_after(headers.get("Retry-After")), **common)
-    if status in (500, 408):
-        # The server may have acted before failing: a create must be reconciled, a read retried.
+    if status in (500, 502, 504, 408):
+        # The server may have acted before failing (a gateway's 502/504 may come after it passed
+        # the request on): a create must be reconciled, a read retried.
         cls = NeedsReconcileError if sent_create else RetryableError
         return cls(text, retry_after=parse_retry_after(headers.get("Retry-After")), **common)
     return TerminalError(text, **common)

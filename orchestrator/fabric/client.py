@@ -50,6 +50,11 @@ becomes a repeated key (the SDK's ``multi`` collection format)."""
 
 PAGE_LIMIT = 100
 """Page size of every list call (the largest Fabric allows)."""
+MAX_LIST_PASSES = 6
+"""Passes over a listing before ``list_all`` gives up on getting a consistent one."""
+OLDEST_FIRST: Mapping[str, FilterValue] = {"sort_by": "CREATE_TIME", "order_by": "ASC"}
+"""The stable order ListModels and ListServicesInstances offer: new items land on the last page,
+so a create during a listing cannot shift the pages before it (the default, newest first, does)."""
 MAX_INCALL_RETRY_AFTER = 5.0
 """Longest Retry-After (seconds) an in-call read retry sleeps; longer ones go to the engine."""
 
@@ -147,10 +152,12 @@ class FabricClient:
         items = await self.list_all("/v1/workspaces", "workspaces", filters=filters)
         return [_parse(Workspace, i, "list workspaces") for i in items]
 
-    async def find_workspaces(self, name: str) -> list[Workspace]:
-        """Workspaces whose name is exactly ``name`` (the server's filter is fuzzy)."""
-        items = await self.list_all("/v1/workspaces", "workspaces", filters={"name": name})
-        return [_parse(Workspace, i, "list workspaces") for i in items if i.get("name") == name]
+    async def find_workspaces(self, name: str, *, confirm: bool = False) -> list[Workspace]:
+        """Workspaces whose name is exactly ``name`` (the server's filter is fuzzy); ``confirm``
+        as in ``list_all``."""
+        items = await self.list_all("/v1/workspaces", "workspaces", filters={"name": name}, confirm=confirm,
+                                    match=_named(name))
+        return [_parse(Workspace, i, "list workspaces") for i in items]
 
     async def get_workspace(self, workspace_id: str) -> Workspace | None:
         """The workspace with this ID, or None (there is no show call: list with ``id=``)."""
@@ -183,10 +190,11 @@ class FabricClient:
         items = await self.list_all(self._endpoints(workspace_id), "endpoints", filters=filters)
         return [_parse(Endpoint, i, "list endpoints") for i in items]
 
-    async def find_endpoints(self, workspace_id: str, name: str) -> list[Endpoint]:
-        """Endpoints in the workspace named exactly ``name``."""
-        items = await self.list_all(self._endpoints(workspace_id), "endpoints", filters={"name": name})
-        return [_parse(Endpoint, i, "list endpoints") for i in items if i.get("name") == name]
+    async def find_endpoints(self, workspace_id: str, name: str, *, confirm: bool = False) -> list[Endpoint]:
+        """Endpoints in the workspace named exactly ``name``; ``confirm`` as in ``list_all``."""
+        items = await self.list_all(self._endpoints(workspace_id), "endpoints", filters={"name": name},
+                                    confirm=confirm, match=_named(name))
+        return [_parse(Endpoint, i, "list endpoints") for i in items]
 
     async def delete_endpoint(self, workspace_id: str, endpoint_id: str) -> None:
         """DeleteEndpoint: the endpoint goes DELETING, then DELETED (404 from then on)."""
@@ -210,10 +218,13 @@ class FabricClient:
         items = await self.list_all(self._models(workspace_id), "models", filters=filters)
         return [_parse(Model, i, "list models") for i in items]
 
-    async def find_models(self, workspace_id: str, name: str) -> list[Model]:
-        """Models in the workspace named exactly ``name``."""
-        items = await self.list_all(self._models(workspace_id), "models", filters={"name": name})
-        return [_parse(Model, i, "list models") for i in items if i.get("name") == name]
+    async def find_models(self, workspace_id: str, name: str, *, confirm: bool = False) -> list[Model]:
+        """Models in the workspace named exactly ``name``, oldest first; ``confirm`` as in
+        ``list_all``."""
+        items = await self.list_all(self._models(workspace_id), "models",
+                                    filters={"name": name, **OLDEST_FIRST}, confirm=confirm,
+                                    match=_named(name))
+        return [_parse(Model, i, "list models") for i in items]
 
     async def get_model(self, workspace_id: str, model_id: str) -> Model | None:
         """The model with this ID, or None (there is no show call: list with ``id=``)."""
@@ -296,11 +307,15 @@ class FabricClient:
                                     filters=filters, host="fabric-ep")
         return [_parse(ServiceInstance, i, "list service instances") for i in items]
 
-    async def find_service_instances(self, workspace_id: str, name: str) -> list[ServiceInstance]:
-        """Service instances in the workspace named exactly ``name``."""
+    async def find_service_instances(
+        self, workspace_id: str, name: str, *, confirm: bool = False
+    ) -> list[ServiceInstance]:
+        """Service instances in the workspace named exactly ``name``, oldest first; ``confirm``
+        as in ``list_all``."""
         items = await self.list_all(self._instances(workspace_id), "service_instances",
-                                    filters={"name": name}, host="fabric-ep")
-        return [_parse(ServiceInstance, i, "list service instances") for i in items if i.get("name") == name]
+                                    filters={"name": name, **OLDEST_FIRST}, host="fabric-ep",
+                                    confirm=confirm, match=_named(name))
+        return [_parse(ServiceInstance, i, "list service instances") for i in items]
 
     async def delete_service_instance(self, workspace_id: str, instance_id: str) -> None:
         """DeleteServiceInstance: the instance goes DELETING, then DELETED (404 from then on)."""
@@ -391,16 +406,42 @@ class FabricClient:
 
     async def list_all(
         self, path: str, key: str, *, filters: Mapping[str, FilterValue] | None = None,
-        host: Host = "fabric",
+        host: Host = "fabric", confirm: bool = False,
+        match: Callable[[dict[str, Any]], bool] | None = None,
     ) -> list[dict[str, Any]]:
-        """Every item of a list call across all pages, as raw dicts.
+        """Every item of a list call across all pages, as raw dicts, from a consistent listing.
 
-        Items are de-duplicated by ``id``: a resource created while paging shifts the
-        later pages by one, and must not look like two resources with the same name.
+        Fabric pages by offset, so a resource deleted (or created) by someone else between two
+        pages shifts the later ones: an item can be skipped or seen twice. A pass is accepted
+        only when every page reported the same ``total``; otherwise the listing is read again.
+        With ``confirm``, a second consistent pass must also find exactly the same items (what
+        a look-up needs before it concludes that nothing exists and a create may go ahead).
+        ``match`` keeps only the items it accepts (and only those must agree between passes:
+        strangers coming and going in a busy listing do not matter). Items are de-duplicated by
+        ``id``. Raises RetryableError when the listing keeps changing.
         """
+        previous: list[dict[str, Any]] | None = None
+        for _ in range(MAX_LIST_PASSES):
+            items = await self._one_pass(path, key, filters=filters, host=host)
+            if items is None:
+                continue  # the total moved while paging: read it again
+            if match is not None:
+                items = [i for i in items if match(i)]
+            if not confirm or (previous is not None and _ids(previous) == _ids(items)):
+                return items
+            previous = items
+        raise RetryableError(f"list {key}: the listing kept changing while it was read "
+                             f"({MAX_LIST_PASSES} passes)")
+
+    async def _one_pass(
+        self, path: str, key: str, *, filters: Mapping[str, FilterValue] | None, host: Host,
+    ) -> list[dict[str, Any]] | None:
+        """One pass over every page; None when the pages disagree on ``total``."""
         items: list[dict[str, Any]] = []
         seen: set[str] = set()
+        totals: set[int | None] = set()
         async for page in self.iter_pages(path, key, filters=filters, host=host):
+            totals.add(page.total)
             for item in page.items:
                 item_id = item.get("id")
                 if isinstance(item_id, str):
@@ -408,6 +449,8 @@ class FabricClient:
                         continue
                     seen.add(item_id)
                 items.append(item)
+        if len(totals) > 1:
+            return None
         return items
 
     async def _json(
@@ -471,6 +514,15 @@ class FabricClient:
         if timeout is not None:
             kwargs["timeout"] = timeout
         return self._session.request(method, URL(url, encoded=True), **kwargs)
+
+
+def _named(name: str) -> Callable[[dict[str, Any]], bool]:
+    """Exact-name matches only: Fabric's name filter is fuzzy."""
+    return lambda item: item.get("name") == name
+
+
+def _ids(items: list[dict[str, Any]]) -> list[Any]:
+    return sorted(str(i.get("id")) for i in items)
 
 
 def query_pairs(filters: Mapping[str, FilterValue]) -> list[tuple[str, str]]:

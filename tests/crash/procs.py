@@ -29,6 +29,9 @@ def env(**extra: str) -> dict[str, str]:
         "FABRICFLOW_DAEMON__HEARTBEAT_SECONDS": "1",
         "FABRICFLOW_DAEMON__LEASE_SECONDS": "5",
         "FABRICFLOW_HTTP__CREATE_TIMEOUT": "3",
+        # After an unknown outcome, look for 3 s (the create timeout) before creating again.
+        "FABRICFLOW_RECONCILE__SETTLE_SECONDS": "3",
+        "FABRICFLOW_RECONCILE__LOOK_INTERVAL": "0.3",
         "PYTHONUNBUFFERED": "1",
         # Never the developer's own ~/.huaweicloud/credentials.
         "HUAWEICLOUD_SDK_CREDENTIALS_FILE": "/nonexistent/fabricflow-tests/credentials",

@@ -30,14 +30,15 @@ EXPECTED: dict[int, tuple[type[FabricError], ...]] = {
     401: (T, T, T, T),
     403: (T, T, T, T),
     404: (T, T, T, T),
-    # The server may have acted before answering 408/500: a create must be reconciled.
+    # The server may have acted before answering 408/500, and a gateway's 502/504 may come after
+    # it passed the request on: a create must be reconciled.
     408: (R, NR, NR, R),
     409: (T, T, T, T),
     429: (R, R, R, R),
     500: (R, NR, NR, R),
-    502: (R, R, R, R),
+    502: (R, NR, NR, R),
     503: (R, R, R, R),
-    504: (R, R, R, R),
+    504: (R, NR, NR, R),
 }
 TABLE = [
     (status, kind, cls)
@@ -190,7 +191,7 @@ def test_key_pair_must_be_complete():
 @pytest.mark.parametrize("status", [429, 503, 502, 504])
 def test_retry_after_seconds(status):
     err = classify(kind="create", status=status, headers={"Retry-After": "7"})
-    assert isinstance(err, RetryableError)
+    assert isinstance(err, NeedsReconcileError if status in (502, 504) else RetryableError)
     assert err.retry_after == 7.0
 
 
