@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from orchestrator import cli_admin, cli_lifecycle, cli_reading
+from orchestrator import cli_admin, cli_lifecycle, cli_orphans, cli_reading
 from orchestrator.cli_common import (
     EXIT_FAILED,
     Group,
@@ -60,7 +60,7 @@ def main() -> None:
     """
 
 
-for _module in (cli_reading, cli_lifecycle, cli_admin):
+for _module in (cli_reading, cli_lifecycle, cli_admin, cli_orphans):
     for _command in _module.COMMANDS:
         main.add_command(_command)
 
