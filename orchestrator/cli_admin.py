@@ -28,6 +28,16 @@ from orchestrator.errors import UserError
               help="Share of creates whose resource is created but whose response is never sent.")
 @click.option("--slow-rate", type=click.FloatRange(0, 1), default=0.0, help="Share of requests delayed.")
 @click.option("--cut-rate", type=click.FloatRange(0, 1), default=0.0, help="Share of streams cut mid-way.")
+@click.option("--late-create", type=click.FloatRange(0, 1), default=0.0, show_default=True, metavar="RATE",
+              help="Share of creates carried out after the client gave up: the connection is closed with no "
+                   "answer and the resource appears only --late-by seconds later.")
+@click.option("--late-by", type=click.FloatRange(min=0), default=3.0, show_default=True, metavar="SECONDS",
+              help="Seconds after its dropped request that a late create is carried out.")
+@click.option("--list-lag", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SECONDS",
+              help="Seconds a new resource stays missing from lists (GET by ID finds it at once).")
+@click.option("--page-churn", type=click.FloatRange(0, 1), default=0.0, show_default=True, metavar="RATE",
+              help="Share of later list pages (offset > 0) before which another user's resource listed on an "
+                   "earlier page is deleted (never one whose description carries a [fabricflow:...] marker).")
 @click.option("--create-fail", metavar="REGEX", help="Endpoints whose name matches end in CREATE_FAILED.")
 @click.option("--instance-fail", metavar="REGEX", help="Service instances whose name matches end in FAILED.")
 @click.option("--seed", type=int, help="Seed for every random fault decision (reproducible runs).")
@@ -41,23 +51,25 @@ from orchestrator.errors import UserError
 @global_options
 def emulator(host: str, port: int, ready_after: float, instance_ready_after: float,
              delete_after: float, cold_start: float, fail_rate: float,
-             drop_rate: float, slow_rate: float, cut_rate: float, create_fail: str | None,
-             instance_fail: str | None,
+             drop_rate: float, slow_rate: float, cut_rate: float, late_create: float, late_by: float,
+             list_lag: float, page_churn: float, create_fail: str | None, instance_fail: str | None,
              seed: int | None, auth: str, token: str | None, ak: str | None, sk: str | None,
              max_clock_skew: float, state_file: str | None) -> None:
     """Serve the local Fabric API emulator (both hosts on one port) until Ctrl-C.
 
-    GET /_emulator/stats counts what was created, per kind and name.
+    GET /_emulator/stats counts what was created, per kind and name. Fault decisions draw
+    from one RNG (--seed); GET/POST /_emulator/faults shows and changes them at runtime.
     """
     from orchestrator.emulator.app import serve
     from orchestrator.emulator.config import EmulatorConfig
-    from orchestrator.emulator.resources import StateFileError
+    from orchestrator.emulator.statefile import StateFileError
 
     try:
         config = EmulatorConfig(
             ready_after=ready_after, instance_ready_after=instance_ready_after, delete_after=delete_after,
             cold_start=cold_start, fail_rate=fail_rate,
-            drop_rate=drop_rate, slow_rate=slow_rate, cut_rate=cut_rate, create_fail=create_fail,
+            drop_rate=drop_rate, slow_rate=slow_rate, cut_rate=cut_rate, late_create=late_create,
+            late_by=late_by, list_lag=list_lag, page_churn=page_churn, create_fail=create_fail,
             instance_fail=instance_fail,
             seed=seed, auth=auth, token=token, ak=ak, sk=sk,  # type: ignore[arg-type]
             max_clock_skew=max_clock_skew, state_file=state_file,

@@ -7,7 +7,7 @@ from typing import Any
 from aiohttp import web
 
 from .errors import not_found
-from .keys import STORE
+from .keys import FAULTS, LATE, STORE
 from .resources import Resource, Store
 
 
@@ -24,6 +24,18 @@ def empty() -> web.Response:
 def store_of(request: web.Request) -> Store:
     """The emulator state behind this request."""
     return request.app[STORE]
+
+
+def create(request: web.Request, kind: str, name: str, workspace_id: str | None,
+           fields: dict[str, Any], *, failure: tuple[str, str] | None = None) -> Resource:
+    """Create what a validated create request asks for, now, or (the late-create fault) only
+    ``late_by`` seconds from now, with the request marked so its answer is dropped."""
+    store, faults = store_of(request), request.app[FAULTS]
+    if faults.take_late():
+        request[LATE] = True
+        return store.add_later(kind, name, workspace_id, fields, failure=failure,
+                               after=faults.seconds["late_by"])
+    return store.add(kind, name, workspace_id, fields, failure=failure)
 
 
 def workspace_of(request: web.Request) -> Resource:

@@ -52,14 +52,26 @@ class EmulatorConfig:
     cold_start: float = 0.0
     """Seconds the first invocation of a service instance waits before its first chunk when
     the instance's endpoint reserves ``min: 0`` MU (scaled to zero, so it must start first)."""
+    late_create: float = 0.0
+    """Share of create requests carried out after the client gave up: the connection is closed
+    with no answer, and the resource is created only ``late_by`` seconds later."""
+    late_by: float = 3.0
+    """Seconds after its (dropped) request that a late create is carried out."""
+    list_lag: float = 0.0
+    """Seconds a new resource stays missing from list responses (GET by ID finds it at once)."""
+    page_churn: float = 0.0
+    """Share of list pages with ``offset > 0`` before which another user's resource listed on
+    an earlier page is deleted, so the later items shift left under the client's feet."""
 
     def __post_init__(self) -> None:
-        for name in ("fail_rate", "drop_rate", "slow_rate", "cut_rate"):
+        for name in ("fail_rate", "drop_rate", "slow_rate", "cut_rate", "late_create",
+                     "page_churn"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {value}")
-        if self.cold_start < 0:
-            raise ValueError(f"cold_start must be >= 0, got {self.cold_start}")
+        for name in ("cold_start", "late_by", "list_lag"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.auth not in ("none", "token", "aksk"):
             raise ValueError(f"auth must be none, token or aksk, got {self.auth!r}")
         if self.auth == "token" and not self.token:

@@ -10,12 +10,18 @@ from .validation import json_body
 
 
 async def stats(request: web.Request) -> web.Response:
-    """``{"created": {KIND: {NAME: COUNT}}, "live": {KIND: COUNT}, "requests": N}``."""
+    """``{"created": {KIND: {NAME: COUNT}}, "live": {KIND: COUNT}, "requests": N, ...}``.
+
+    Also ``operations`` (requests per handler), ``late_created`` (late creates carried out,
+    counted in ``created`` too), ``late_pending`` (accepted, not carried out yet) and
+    ``churn_deleted`` (bystanders deleted between the pages of a list).
+    """
     return ok(store_of(request).snapshot())
 
 
 async def reset(request: web.Request) -> web.Response:
-    """Forget every resource and counter; fault knobs and the RNG return to the config."""
+    """Forget every resource, pending late create and counter; fault knobs and the RNG
+    return to the config."""
     store_of(request).reset()
     request.app[FAULTS].reset()
     return ok(store_of(request).snapshot())
@@ -27,10 +33,19 @@ async def show_faults(request: web.Request) -> web.Response:
 
 
 async def set_faults(request: web.Request) -> web.Response:
-    """Change rates (``fail_rate``, ``drop_rate``, ``slow_rate``, ``cut_rate``) or script
-    the next requests (``fail_next`` + ``status``, ``drop_next``, ``cut_next`` + ``cut_after``).
+    """Change rates (``fail_rate``, ``drop_rate``, ``slow_rate``, ``cut_rate``,
+    ``late_create``, ``page_churn``) or seconds (``late_by``, ``list_lag``), or script the next
+    requests (``fail_next`` + ``status``, ``drop_next``, ``cut_next`` + ``cut_after``,
+    ``late_next``, ``churn_next``).
+
+    A new ``late_by`` applies to the late creates still pending too: each is carried out
+    ``late_by`` seconds after its request, so ``{"late_by": 0}`` carries them all out now.
     """
-    return ok(request.app[FAULTS].update(await json_body(request)))
+    faults, doc = request.app[FAULTS], await json_body(request)
+    knobs = faults.update(doc)
+    if "late_by" in doc:
+        store_of(request).reschedule_late(faults.seconds["late_by"])
+    return ok(knobs)
 
 
 def add_routes(app: web.Application) -> None:

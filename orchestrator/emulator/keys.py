@@ -12,3 +12,5 @@ CONFIG = web.AppKey("config", EmulatorConfig)
 STORE = web.AppKey("store", Store)
 FAULTS = web.AppKey("faults", Faults)
 REQUEST_ID = web.RequestKey("request_id", str)
+LATE = web.RequestKey("late", bool)
+"""Set on a create request whose resource will be created later: its answer is dropped."""

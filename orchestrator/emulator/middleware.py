@@ -2,7 +2,9 @@
 
 Order per API request (DESIGN.md, "The emulator"): authenticate; maybe fail with a transient
 error having done nothing; maybe sleep; run the handler; maybe drop the connection after a
-successful create. ``/_emulator/*`` control routes skip all of it.
+successful create. A create the handler accepted as a late create (``late_create``: carried
+out only ``late_by`` seconds later) is always answered by a dropped connection, and draws no
+drop decision. ``/_emulator/*`` control routes skip all of it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from aiohttp.typedefs import Handler
 
 from .auth import authenticate
 from .errors import NO_ROUTE, ApiError, fault, new_request_id
-from .keys import CONFIG, FAULTS, REQUEST_ID, STORE
+from .keys import CONFIG, FAULTS, LATE, REQUEST_ID, STORE
 
 CONTROL_PREFIX = "/_emulator/"
 log = logging.getLogger(__name__)
@@ -51,7 +53,13 @@ async def pipeline(request: web.Request, handler: Handler) -> web.StreamResponse
         if app[FAULTS].take_slow():
             await asyncio.sleep(app[CONFIG].slow_seconds)
         response = await handler(request)
-        if is_create(request) and response.status < 400 and app[FAULTS].take_drop():
+        if request.get(LATE):
+            # Nothing exists yet: the client gives up on a create the server carries out later.
+            log.info("dropping the response to %s %s; creating it late", request.method,
+                     request.path)
+            if request.transport is not None:
+                request.transport.close()
+        elif is_create(request) and response.status < 400 and app[FAULTS].take_drop():
             # The resource exists now; closing the transport before a byte of the answer
             # is written makes the client see a disconnect (an unknown outcome), which is
             # exactly what a lost response looks like. aiohttp then discards the response.

@@ -1,74 +1,25 @@
-"""In-memory state of the emulator: resources, their computed status, lists, counters.
+"""In-memory state of the emulator: resources, their computed status, late creates, counters.
 
 Status is never stored: it is computed from the monotonic time of the create/delete and the
 configured delays, so a poll sees CREATING → RUNNING without any background task, and a
-paused or slow test cannot miss a transition.
+paused or slow test cannot miss a transition. Late creates work the same way: each access
+first carries out those whose time has come (``settle``).
 """
 
 from __future__ import annotations
 
-import json
+import bisect
 import os
 import time
-import uuid
-from collections import Counter
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, UTC
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
-from collections.abc import Callable, Iterable, Mapping
 
+from . import statefile
 from .config import EmulatorConfig
-from .errors import invalid
+from .records import KINDS, STATEFUL, Late, Resource, Stats, iso, new_id
 
-
-class StateFileError(Exception):
-    """The ``--state-file`` exists but cannot be loaded (unreadable, not JSON, not our shape)."""
-
-
-KINDS = ("workspace", "endpoint", "model", "service_instance")
-# Kinds with a lifecycle; workspaces and models are created and deleted synchronously.
-STATEFUL = ("endpoint", "service_instance")
-
-
-def iso(moment: datetime) -> str:
-    """ISO-8601 UTC with milliseconds and ``Z``, as in the Fabric examples."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + \
-        f"{moment.microsecond // 1000:03d}Z"
-
-
-def new_id(kind: str) -> str:
-    """UUID4 strings, except endpoints: 32 hex characters as in the endpoint example.
-
-    Ids come from the OS, not the seeded RNG, so an emulator restarted on the same state file
-    and seed never hands out an id twice.
-    """
-    return uuid.uuid4().hex if kind == "endpoint" else str(uuid.uuid4())
-
-
-@dataclass
-class Resource:
-    """One workspace, endpoint, model or service instance."""
-
-    kind: str
-    id: str
-    name: str
-    workspace_id: str | None
-    fields: dict[str, Any]
-    created_at: float  # monotonic seconds
-    create_time: datetime
-    update_time: datetime
-    deleted_at: float | None = None  # monotonic seconds of the DELETE
-    failure: tuple[str, str] | None = None  # (error_code, error_msg) once the create fails
-
-
-@dataclass
-class Stats:
-    """What ``GET /_emulator/stats`` reports, minus the live counts (computed)."""
-
-    created: dict[str, Counter[str]] = field(
-        default_factory=lambda: {kind: Counter() for kind in KINDS})
-    requests: int = 0
-    operations: Counter[str] = field(default_factory=Counter)  # requests by handler, e.g. show_endpoint
+__all__ = ["KINDS", "STATEFUL", "Resource", "Store", "iso"]
 
 
 class Store:
@@ -86,6 +37,7 @@ class Store:
         # scope, so an emulator holding 10,000 jobs' resources still answers in microseconds.
         self._scopes: dict[tuple[str, str | None], dict[str, Resource]] = {}
         self._names: dict[tuple[str, str | None], dict[str, dict[str, Resource]]] = {}
+        self._late: list[Late] = []  # by due time
         self.stats = Stats()
         if config.state_file and os.path.exists(config.state_file):
             self._load(config.state_file)
@@ -133,21 +85,85 @@ class Store:
 
     # -- access ------------------------------------------------------------------------
 
+    def _new(self, kind: str, name: str, workspace_id: str | None, fields: dict[str, Any],
+             failure: tuple[str, str] | None) -> Resource:
+        now = self.wall_clock()
+        return Resource(kind=kind, id=new_id(kind), name=name, workspace_id=workspace_id,
+                        fields=fields, created_at=self.clock(), create_time=now,
+                        update_time=now, failure=failure)
+
     def add(self, kind: str, name: str, workspace_id: str | None, fields: dict[str, Any],
             *, failure: tuple[str, str] | None = None) -> Resource:
         """Create a resource and count it in the stats."""
-        now = self.wall_clock()
-        res = Resource(kind=kind, id=new_id(kind), name=name, workspace_id=workspace_id,
-                       fields=fields, created_at=self.clock(), create_time=now,
-                       update_time=now, failure=failure)
+        self.settle()  # a late create that is due comes first, in creation order
+        res = self._new(kind, name, workspace_id, fields, failure)
         self._put(res)
         self.stats.created[kind][name] += 1
         self.save()
         return res
 
+    def add_later(self, kind: str, name: str, workspace_id: str | None, fields: dict[str, Any],
+                  *, after: float, failure: tuple[str, str] | None = None) -> Resource:
+        """Accept a create that is carried out ``after`` seconds from now; until then it is
+        invisible and uncounted. Returns the resource as it will be (for the dropped answer)."""
+        self.settle()
+        res = self._new(kind, name, workspace_id, fields, failure)
+        now = self.clock()
+        bisect.insort(self._late, Late(now, now + after, res), key=lambda late: late.due)
+        self.save()
+        return res
+
+    def reschedule_late(self, after: float) -> None:
+        """A new ``late_by``: every pending late create is now due ``after`` seconds after its
+        request (at once, if that moment has passed)."""
+        self.settle()
+        now = self.clock()
+        for late in self._late:
+            late.due = max(late.requested_at + after, now)
+        self._late.sort(key=lambda late: late.due)
+        self.save()
+
+    def settle(self) -> None:
+        """Carry out the late creates whose time has come, each as its request asked, unless
+        Fabric would refuse it by then (its name taken, its workspace, model or endpoint gone)."""
+        if not self._late or self._late[0].due > self.clock():
+            return
+        now, wall = self.clock(), self.wall_clock()
+        while self._late and self._late[0].due <= now:
+            late = self._late.pop(0)
+            res = late.res
+            if self._refuses(res):
+                continue
+            res.created_at = late.due
+            res.create_time = res.update_time = wall - timedelta(seconds=now - late.due)
+            for version in res.fields.get("versions", []):  # a model's
+                version["create_time"] = iso(res.create_time)
+            self._put(res)
+            self.stats.created[res.kind][res.name] += 1
+            self.stats.late_created += 1
+        self.save()
+
+    def _refuses(self, res: Resource) -> bool:
+        """Whether the create of ``res`` would fail now (checked when a late one is due)."""
+        if res.workspace_id is not None and self._get("workspace", res.workspace_id) is None:
+            return True
+        if res.kind in ("workspace", "model"):
+            same = self._names.get((res.kind, res.workspace_id), {}).get(res.name, {})
+            return any(self.is_live(other) for other in same.values())
+        if res.kind == "service_instance":
+            model = self._get("model", res.fields["source"]["id"], res.workspace_id)
+            endpoint = self._get("endpoint", res.fields["endpoint_id"], res.workspace_id)
+            return model is None or endpoint is None or self.status(endpoint) != "RUNNING"
+        return False
+
     def get(self, kind: str, resource_id: str, workspace_id: str | None = None
             ) -> Resource | None:
         """A live resource of that kind (in that workspace), or None."""
+        self.settle()
+        return self._get(kind, resource_id, workspace_id)
+
+    def _get(self, kind: str, resource_id: str, workspace_id: str | None = None
+             ) -> Resource | None:
         res = self.resources.get(resource_id)
         if res is None or res.kind != kind or not self.is_live(res):
             return None
@@ -157,6 +173,7 @@ class Store:
 
     def items(self, kind: str, workspace_id: str | None = None, *, name: str | None = None) -> list[Resource]:
         """Live resources of a kind, oldest first; ``name``: only those whose name contains it."""
+        self.settle()
         if workspace_id is None and kind != "workspace":
             return [res for res in self.resources.values() if res.kind == kind and self.is_live(res)
                     and (not name or name in res.name)]
@@ -199,9 +216,10 @@ class Store:
         res.update_time = self.wall_clock()
         self.save()
 
-    def delete(self, res: Resource) -> None:
-        """Start deleting (endpoints, instances) or remove at once (workspaces, models)."""
-        if res.kind in STATEFUL:
+    def delete(self, res: Resource, *, finished: bool = False) -> None:
+        """Start deleting (endpoints, instances) or remove at once (workspaces, models);
+        ``finished``: a delete whose DELETING phase is already over, so it is gone at once."""
+        if res.kind in STATEFUL and not finished:
             if res.deleted_at is None:
                 res.deleted_at = self.clock()
                 res.update_time = self.wall_clock()
@@ -211,6 +229,7 @@ class Store:
 
     def live_counts(self) -> dict[str, int]:
         """Per kind, how many resources are not DELETED."""
+        self.settle()
         counts = {kind: 0 for kind in KINDS}
         for res in self.resources.values():
             if self.is_live(res):
@@ -221,111 +240,39 @@ class Store:
         """The ``/_emulator/stats`` document."""
         return {"created": {kind: dict(names) for kind, names in self.stats.created.items()},
                 "live": self.live_counts(), "requests": self.stats.requests,
-                "operations": dict(self.stats.operations)}
+                "operations": dict(self.stats.operations),
+                "late_created": self.stats.late_created, "late_pending": len(self._late),
+                "churn_deleted": self.stats.churn_deleted}
 
     def reset(self) -> None:
         """Forget every resource and counter."""
         self.resources.clear()
         self._scopes.clear()
         self._names.clear()
+        self._late.clear()
         self.stats = Stats()
         self.save()
 
     # -- persistence -------------------------------------------------------------------
 
     def save(self) -> None:
-        """Write the state file, if any; atomically, so a kill mid-write loses nothing."""
+        """Write the state file, if any (see ``statefile``)."""
         path = self.config.state_file
         if not path:
             return
-        # Monotonic clocks restart with the process, so persist ages as wall-clock epochs.
-        offset = self.wall_clock().timestamp() - self.clock()
         # DELETED resources are invisible everywhere; forget them so the file stays small.
         for gone in [r.id for r in self.resources.values() if not self.is_live(r)]:
             self._drop(gone)
-        rows = []
-        for res in self.resources.values():
-            row = asdict(res)
-            row["created_at"] = res.created_at + offset
-            row["deleted_at"] = None if res.deleted_at is None else res.deleted_at + offset
-            row["create_time"] = res.create_time.isoformat()
-            row["update_time"] = res.update_time.isoformat()
-            rows.append(row)
-        doc = {"resources": rows, "created": self.snapshot()["created"],
-               "requests": self.stats.requests}
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(doc, handle)
-        os.replace(tmp, path)
+        statefile.write(path, list(self.resources.values()), self._late, self.stats,
+                        self._offset())
 
     def _load(self, path: str) -> None:
         """Load a state file, or raise StateFileError saying why it cannot be one."""
-        try:
-            with open(path, encoding="utf-8") as handle:
-                doc = json.load(handle)
-            if not isinstance(doc, dict):
-                raise TypeError(f"a JSON object was expected, not {type(doc).__name__}")
-            self._load_doc(doc)
-        except OSError as exc:
-            raise StateFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # json.JSONDecodeError is a ValueError
-            reason = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
-            raise StateFileError(f"{path}: not an emulator state file ({reason})") from None
-
-    def _load_doc(self, doc: dict[str, Any]) -> None:
-        offset = self.wall_clock().timestamp() - self.clock()
-        for row in doc.get("resources", []):
-            row["created_at"] -= offset
-            if row["deleted_at"] is not None:
-                row["deleted_at"] -= offset
-            row["create_time"] = datetime.fromisoformat(row["create_time"])
-            row["update_time"] = datetime.fromisoformat(row["update_time"])
-            if row["failure"] is not None:
-                row["failure"] = tuple(row["failure"])
-            res = Resource(**row)
+        resources, late, self.stats = statefile.read(path, self._offset())
+        for res in resources:
             self._put(res)
-        for kind, names in doc.get("created", {}).items():
-            self.stats.created.setdefault(kind, Counter()).update(names)
-        self.stats.requests = doc.get("requests", 0)
+        self._late = sorted(late, key=lambda item: item.due)
 
-
-# -- lists -------------------------------------------------------------------------------
-
-def page_bounds(query: Mapping[str, str]) -> tuple[int, int]:
-    """``offset`` ≥ 0 (default 0) and ``limit`` 1–100 (default 10); anything else is a 400."""
-    offset = _int_param(query, "offset", 0)
-    limit = _int_param(query, "limit", 10)
-    if offset < 0:
-        raise invalid(f"offset must be >= 0, got {offset}")
-    if not 1 <= limit <= 100:
-        raise invalid(f"limit must be between 1 and 100, got {limit}")
-    return offset, limit
-
-
-def _int_param(query: Mapping[str, str], name: str, default: int) -> int:
-    raw = query.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise invalid(f"{name} must be an integer, got {raw!r}") from None
-
-
-def paginate(items: Iterable[Any], query: Mapping[str, str]) -> tuple[int, list[Any]]:
-    """``(total of all matches, the requested page)``."""
-    offset, limit = page_bounds(query)
-    everything = list(items)
-    return len(everything), everything[offset:offset + limit]
-
-
-def name_matches(res: Resource, query: Mapping[str, str]) -> bool:
-    """Fuzzy ``name`` filter: case-sensitive substring containment."""
-    wanted = query.get("name")
-    return not wanted or wanted in res.name
-
-
-def field_matches(value: Any, query: Mapping[str, str], key: str) -> bool:
-    """Exact filter on one query key; an absent or empty key matches everything."""
-    wanted = query.get(key)
-    return not wanted or wanted == value
+    def _offset(self) -> float:
+        """Wall-clock epoch minus monotonic time: how the state file stores monotonic times."""
+        return self.wall_clock().timestamp() - self.clock()

@@ -7,10 +7,12 @@ from typing import Any
 from aiohttp import web
 
 from . import views
-from .common import child_of, empty, ok, store_of, workspace_of
+from .common import child_of, create, empty, ok, store_of, workspace_of
+from .deletes import refusal
 from .errors import CREATE_FAILED, duplicate, invalid, wrong_state
 from .keys import CONFIG
-from .resources import Resource, Store, field_matches, name_matches, paginate
+from .listing import field_matches, name_matches, page
+from .resources import Resource, Store
 from .validation import (injected_failure, integer, json_body, min_max, obj, resource_name, text,
                          workspace_name)
 
@@ -29,7 +31,7 @@ async def create_workspace(request: web.Request) -> web.Response:
               "enterprise_project_id": text(body, "enterprise_project_id") or "0"}
     if any(ws.name == name for ws in store.items("workspace", name=name)):
         raise duplicate("workspace", name)
-    return ok(views.workspace(store, store.add("workspace", name, None, fields)))
+    return ok(views.workspace(store, create(request, "workspace", name, None, fields)))
 
 
 async def list_workspaces(request: web.Request) -> web.Response:
@@ -39,8 +41,8 @@ async def list_workspaces(request: web.Request) -> web.Response:
              if name_matches(ws, query) and field_matches(ws.id, query, "id")
              and (project in (None, "", "all_granted_eps")
                   or ws.fields.get("enterprise_project_id") == project)]
-    total, page = paginate(found, query)
-    return ok({"total": total, "workspaces": [views.workspace(store, ws) for ws in page]})
+    total, shown = page(request, found)
+    return ok({"total": total, "workspaces": [views.workspace(store, ws) for ws in shown]})
 
 
 async def update_workspace(request: web.Request) -> web.Response:
@@ -61,12 +63,9 @@ async def update_workspace(request: web.Request) -> web.Response:
 
 async def delete_workspace(request: web.Request) -> web.Response:
     store, ws = store_of(request), workspace_of(request)
-    # DELETING children are already on their way out, so they do not block the delete.
-    held = {kind: sum(1 for res in store.items(kind, ws.id) if store.is_active(res))
-            for kind in ("endpoint", "model", "service_instance")}
-    if any(held.values()):
-        listing = ", ".join(f"{count} {kind}(s)" for kind, count in held.items() if count)
-        raise wrong_state(f"The workspace {ws.id} still holds {listing}; delete them first")
+    reason = refusal(store, ws)
+    if reason is not None:
+        raise wrong_state(reason)
     store.delete(ws)
     return empty()
 
@@ -118,7 +117,7 @@ async def create_endpoint(request: web.Request) -> web.Response:
     failure = injected_failure(request.app[CONFIG].create_fail, name, CREATE_FAILED,
                                f"Failed to create endpoint {name}: insufficient MU resources "
                                "in the resource pool (injected by the emulator's create_fail)")
-    res = store.add("endpoint", name, ws.id, fields, failure=failure)
+    res = create(request, "endpoint", name, ws.id, fields, failure=failure)
     return ok(views.endpoint(store, res))
 
 
@@ -134,9 +133,9 @@ async def list_endpoints(request: web.Request) -> web.Response:
              if name_matches(ep, query) and field_matches(ep.id, query, "endpoint_id")
              and field_matches(ep.fields["type"], query, "type")
              and query.get("visibility") != "PUBLIC" and (not model_id or ep.id in serving)]
-    total, page = paginate(found, query)
+    total, shown = page(request, found)
     return ok({"total": total,
-               "endpoints": [views.endpoint(store, ep, brief=True) for ep in page]})
+               "endpoints": [views.endpoint(store, ep, brief=True) for ep in shown]})
 
 
 def _endpoint_of(request: web.Request) -> tuple[Store, Resource]:
@@ -152,11 +151,9 @@ async def show_endpoint(request: web.Request) -> web.Response:
 
 async def delete_endpoint(request: web.Request) -> web.Response:
     store, res = _endpoint_of(request)
-    busy = [i.id for i in store.items("service_instance", res.workspace_id)
-            if i.fields["endpoint_id"] == res.id and store.is_active(i)]
-    if busy:
-        raise wrong_state(f"The endpoint {res.id} still serves service instance(s) "
-                          f"{', '.join(busy)}; delete them first")
+    reason = refusal(store, res)
+    if reason is not None:
+        raise wrong_state(reason)
     store.delete(res)
     return ok({"id": res.id})
 

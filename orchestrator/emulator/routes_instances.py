@@ -8,10 +8,11 @@ from typing import Any
 from aiohttp import web
 
 from . import views
-from .common import child_of, empty, ok, store_of, workspace_of
+from .common import child_of, create, empty, ok, store_of, workspace_of
 from .errors import INSTANCE_FAILED, invalid, not_found, wrong_state
 from .keys import CONFIG
-from .resources import Resource, Store, field_matches, name_matches, paginate
+from .listing import field_matches, name_matches, page
+from .resources import Resource, Store
 from .validation import injected_failure, json_body, min_max, obj, plain_description, resource_name, text
 
 
@@ -74,7 +75,7 @@ async def create_instance(request: web.Request) -> web.Response:
     failure = injected_failure(request.app[CONFIG].instance_fail, name, INSTANCE_FAILED,
                                f"Failed to deploy service instance {name}: model load error "
                                "(injected by the emulator's instance_fail)")
-    res = store.add("service_instance", name, ws.id, fields, failure=failure)
+    res = create(request, "service_instance", name, ws.id, fields, failure=failure)
     return ok({"id": res.id})
 
 
@@ -91,9 +92,9 @@ async def list_instances(request: web.Request) -> web.Response:
              and query.get("visibility") != "PUBLIC"]
     if query.get("order_by") == "DESC":
         found.reverse()
-    total, page = paginate(found, query)
+    total, shown = page(request, found)
     return ok({"total": total,
-               "service_instances": [views.instance(store, i, brief=True) for i in page]})
+               "service_instances": [views.instance(store, i, brief=True) for i in shown]})
 
 
 async def show_instance(request: web.Request) -> web.Response:

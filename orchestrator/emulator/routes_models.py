@@ -8,9 +8,11 @@ from typing import Any
 from aiohttp import web
 
 from . import views
-from .common import child_of, empty, ok, store_of, workspace_of
+from .common import child_of, create, empty, ok, store_of, workspace_of
+from .deletes import refusal
 from .errors import duplicate, invalid, wrong_state
-from .resources import field_matches, iso, name_matches, paginate
+from .listing import field_matches, name_matches, page, paginate
+from .resources import iso
 from .validation import json_body, obj, resource_name, text
 
 SORT_KEYS = {"CREATE_TIME": "create_time", "UPDATE_TIME": "update_time", "NAME": "name"}
@@ -49,7 +51,7 @@ async def create_model(request: web.Request) -> web.Response:
     version.update(id=str(uuid.uuid4()), create_time=iso(store.wall_clock()))
     fields = {"description": description, "type": kind, "versions": [version],
               "current_version_id": version["id"]}
-    res = store.add("model", name, ws.id, fields)
+    res = create(request, "model", name, ws.id, fields)
     return ok({"id": res.id, "version_id": version["id"]})
 
 
@@ -63,23 +65,22 @@ async def list_models(request: web.Request) -> web.Response:
         raise invalid("order_by must be ASC or DESC")
     if query.get("visibility") not in (None, "", "PRIVATE", "PUBLIC", "ALL"):
         raise invalid("visibility must be PRIVATE, PUBLIC or ALL")
-    found = [views.model(store, m) for m in store.items("model", ws.id)
+    found = [m for m in store.items("model", ws.id)
              if name_matches(m, query) and field_matches(m.id, query, "id")
              and field_matches(m.fields["type"], query, "type")
              and query.get("visibility") != "PUBLIC"]
+    docs = {m.id: views.model(store, m) for m in found}
     # Stable sorts: ties keep creation order, so pages never shuffle between calls.
-    found.sort(key=lambda doc: doc[SORT_KEYS[sort_by]], reverse=order_by == "DESC")
-    total, page = paginate(found, query)
-    return ok({"total": total, "models": page})
+    found.sort(key=lambda m: docs[m.id][SORT_KEYS[sort_by]], reverse=order_by == "DESC")
+    total, shown = page(request, found)
+    return ok({"total": total, "models": [docs[m.id] for m in shown]})
 
 
 async def delete_model(request: web.Request) -> web.Response:
     store, res = child_of(request, "model", "model_id")
-    users = [i.id for i in store.items("service_instance", res.workspace_id)
-             if i.fields["source"]["id"] == res.id and store.is_active(i)]
-    if users:
-        raise wrong_state(f"The model {res.id} is used by service instance(s) "
-                          f"{', '.join(users)}; delete them first")
+    reason = refusal(store, res)
+    if reason is not None:
+        raise wrong_state(reason)
     store.delete(res)
     return empty()
 
@@ -90,13 +91,13 @@ async def list_versions(request: web.Request) -> web.Response:
     found = [views.version(res, v) for v in res.fields["versions"]
              if field_matches(v["id"], query, "version_id")
              and (not query.get("name") or query["name"] in v["name"])]
-    total, page = paginate(found, query)
-    return ok({"total": total, "versions": page})
+    total, shown = paginate(found, query)
+    return ok({"total": total, "versions": shown})
 
 
 async def list_base_models(request: web.Request) -> web.Response:
-    total, page = paginate(views.BASE_MODELS, request.query)
-    return ok({"total": total, "models": page})
+    total, shown = paginate(views.BASE_MODELS, request.query)
+    return ok({"total": total, "models": shown})
 
 
 async def list_specs(request: web.Request) -> web.Response:
@@ -109,8 +110,8 @@ async def list_specs(request: web.Request) -> web.Response:
              if field_matches(spec["spec_code"], query, "spec_code")
              and (not scenario or spec["resource_type"] == scenario)
              and (not types or spec["spec_type"] in types)]
-    total, page = paginate(found, query)
-    return ok({"total": total, "spec_codes": page})
+    total, shown = paginate(found, query)
+    return ok({"total": total, "spec_codes": shown})
 
 
 def add_routes(app: web.Application) -> None:

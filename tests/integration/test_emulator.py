@@ -145,6 +145,7 @@ async def test_whole_procedure_over_raw_http(emulator: RunningEmulator,
     operations = stats.pop("operations")
     creates = ("create_workspace", "create_endpoint", "create_model", "create_instance")
     assert {op: operations[op] for op in creates} == dict.fromkeys(creates, 1)
+    assert (stats.pop("late_created"), stats.pop("late_pending"), stats.pop("churn_deleted")) == (0, 0, 0)
     assert stats == {
         "created": {"workspace": {"apieworkspace": 1}, "endpoint": {"apie_test": 1},
                     "model": {"LLama3-8b": 1},
