@@ -1,13 +1,13 @@
 """What the first commands a user types cost: CPU time of `fabricflow --help`, `--version`,
-`list` and `show ID` as fresh processes.
+`list`, `show ID` and `events ID` as fresh processes.
 
     python benchmarks/startup.py [--runs 5]
 
 Each command runs ``--runs`` times as a child process (stdout and stderr to /dev/null); its
 CPU time is the child's user + system time from ``os.wait4``, so neither this process nor
-the machine's other load is counted, and wall time is not measured at all. ``list`` and
-``show`` read a small database (three submitted jobs) made once beforehand. Prints one JSON
-object: per command the median and every run, in seconds.
+the machine's other load is counted, and wall time is not measured at all. ``list``,
+``show`` and ``events`` read a small database (three submitted jobs) made once beforehand.
+Prints one JSON object: per command the median and every run, in seconds.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ def main() -> None:
             "--version": ["--version"],
             "list": ["list", "--db", db],
             "show ID": ["show", job_id[:8], "--db", db],
+            "events ID": ["events", job_id[:8], "--db", db],
         }
         report: dict[str, object] = {"python": sys.version.split()[0], "runs": args.runs}
         for label, command in commands.items():

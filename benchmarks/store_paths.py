@@ -55,6 +55,7 @@ async def prepare(path: Path, jobs: int) -> list[str]:
 
     store = await JobStore.open(f"sqlite+aiosqlite:///{path}")
     base = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    base["workspace"]["name"] = "bench-ws"  # the example names it after each job ({job})
     ids = await store.submit_many([parse_spec(dict(base, name=f"b{i}")) for i in range(jobs)],
                                   owner=OWNER, lease=3600)
     for job_id in ids:

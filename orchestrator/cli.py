@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from orchestrator import cli_admin, cli_lifecycle, cli_orphans, cli_reading
+from orchestrator import cli_admin, cli_lifecycle, cli_ops, cli_orphans, cli_reading
 from orchestrator.cli_common import (
     EXIT_FAILED,
     Group,
@@ -50,17 +50,19 @@ def main() -> None:
     committed to a database, so a job survives crashes and never creates a resource twice.
 
     \b
-    Try it with the bundled emulator (no cloud account needed):
-      fabricflow run examples/quickstart.yaml
+    Try it with the bundled emulator (no cloud account needed), from any directory:
+      fabricflow example quickstart > quickstart.yaml
+      fabricflow plan quickstart.yaml          # what run would do; writes nothing
+      fabricflow run quickstart.yaml           # in a checkout: fabricflow run examples/quickstart.yaml
     \b
     Or run jobs in the background:
       fabricflow daemon &                      # executes submitted jobs
-      fabricflow submit examples/quickstart.yaml
+      fabricflow submit quickstart.yaml
       fabricflow list / show JOB / events JOB --follow
     """
 
 
-for _module in (cli_reading, cli_lifecycle, cli_admin, cli_orphans):
+for _module in (cli_reading, cli_lifecycle, cli_admin, cli_ops, cli_orphans):
     for _command in _module.COMMANDS:
         main.add_command(_command)
 
@@ -89,8 +91,9 @@ def run(ctx: click.Context, spec_file: str, as_json: bool) -> None:
 
     printer = ProgressPrinter()
     settings = settings_from(ctx, log_lines=printer.line)
-    spec = load_spec(spec_file)
-    job, stopped_by = run_async(_run(settings, spec, printer))
+    (job_id,) = new_job_ids(1)
+    spec = load_spec(spec_file, job_id=job_id)  # {job} in its strings becomes the ID's first 8 digits
+    job, stopped_by = run_async(_run(settings, spec, printer, job_id=job_id))
     if as_json:
         emit_json(job.as_json())
     if stopped_by is not None:
@@ -99,8 +102,9 @@ def run(ctx: click.Context, spec_file: str, as_json: bool) -> None:
         ctx.exit(EXIT_FAILED)
 
 
-async def _run(settings: Settings, spec: JobSpec, printer: ProgressPrinter) -> tuple[Job, int | None]:
-    """Run the job here; the final job, and the signal that stopped it early, if one did."""
+async def _run(settings: Settings, spec: JobSpec, printer: ProgressPrinter, *,
+               job_id: str) -> tuple[Job, int | None]:
+    """Run the job (ID ``job_id``) here; the final job, and the signal that stopped it early, if one did."""
     import asyncio
 
     from orchestrator.engine.daemon import heartbeat, new_owner
@@ -115,7 +119,7 @@ async def _run(settings: Settings, spec: JobSpec, printer: ProgressPrinter) -> t
         async with fabric_target(settings) as target, client_for(settings, target) as client:
             await check_reused(client, spec)  # a missing reused resource: nothing is written
             owner = new_owner()
-            job = await store.submit(spec, owner=owner, lease=settings.daemon.lease_seconds)
+            job = await store.submit(spec, owner=owner, lease=settings.daemon.lease_seconds, job_id=job_id)
             printer.restart_clock()
             printer.line(f"job {job.id} ({job.name}) submitted to {db.describe(settings.db)}")
             runner = Runner(store, client, owner=owner, settings=EngineSettings.from_settings(settings),
@@ -181,7 +185,7 @@ MAX_JOBS = 100_000
 @click.argument("spec_files", metavar="SPEC...", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--count", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
               help=f"Submit N copies of each SPEC (at most {MAX_JOBS} jobs in all); "
-                   "{index} in a spec's strings numbers them.")
+                   "{index} in a spec's strings numbers them, {job} names them after their job.")
 @click.option("--wait", is_flag=True, help="Wait until a daemon has finished every job; exit 1 if any fails.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the job object instead of its ID (a JSON array of them for several jobs).")
@@ -190,27 +194,42 @@ MAX_JOBS = 100_000
 def submit(ctx: click.Context, spec_files: tuple[str, ...], count: int, wait: bool, as_json: bool) -> None:
     """Validate each SPEC and enqueue it for a daemon; prints the new jobs' IDs, one per line.
 
-    With --count N every SPEC is submitted N times. {index} in any string of a spec becomes the
-    job's number in this command (0, 1, 2, ..., counting on across the SPECs in order), so that
-    each copy creates resources of its own; --count refuses a spec whose resource names lack it.
-    Quote such strings in YAML ("ws-{index}"): there an unquoted { starts a mapping.
+    Two tokens give each job resources of its own. {job} in any string of a spec becomes the
+    first 8 hex digits of the new job's ID (the prefix `fabricflow list` shows), so the same spec
+    can be submitted again and again (mind the length: a workspace name has 4-32 characters, so
+    24 are left beside {job}). With --count N every SPEC is submitted N times; {index} becomes
+    the job's number in this command (0, 1, 2, ..., counting on across the SPECs in order);
+    --count refuses a spec whose resource names have neither token. Quote such strings in YAML
+    ("ws-{index}"): there an unquoted { starts a mapping. `fabricflow run` replaces {job} too.
 
     \b
     For example, with   workspace: {name: "ws-{index}"}   in spec.yaml:
       fabricflow submit spec.yaml --count 100      # 100 jobs: workspaces ws-0 ... ws-99
       fabricflow submit a.yaml b.yaml              # two jobs, IDs in this order
+    \b
+    With   workspace: {name: "ws-{job}"}   instead, each submit makes a new workspace:
+      fabricflow submit spec.yaml                  # job 3f9c2a1e...: workspace ws-3f9c2a1e
+      fabricflow submit spec.yaml --count 3        # 3 jobs, 3 workspaces (with {index} too, if wanted)
 
     Every copy of every SPEC is checked before anything is written, and the jobs are committed
     in one transaction: either all of them are submitted or, on any error, none.
     """
     settings = settings_from(ctx)
-    specs = specs_from_files(spec_files, count=count)
-    if not run_async(_submit(settings, specs, wait=wait, as_json=as_json)):
+    job_ids, specs = specs_from_files(spec_files, count=count)
+    if not run_async(_submit(settings, job_ids, specs, wait=wait, as_json=as_json)):
         ctx.exit(EXIT_FAILED)
 
 
-def specs_from_files(paths: Sequence[str], *, count: int = 1) -> list[JobSpec]:
-    """``count`` validated copies of each spec file, ``{index}`` numbering them across the files.
+def new_job_ids(n: int) -> list[str]:
+    """IDs for jobs about to be submitted: chosen first, since ``{job}`` in a spec needs its job's."""
+    import uuid
+
+    return [uuid.uuid4().hex for _ in range(n)]
+
+
+def specs_from_files(paths: Sequence[str], *, count: int = 1) -> tuple[list[str], list[JobSpec]]:
+    """New job IDs, and ``count`` validated copies of each spec file for them: ``{index}``
+    numbering the copies across the files, ``{job}`` replaced by each copy's job ID.
 
     Raises one UserError naming every bad file (or first bad copy of one), before anything is written.
     """
@@ -220,39 +239,43 @@ def specs_from_files(paths: Sequence[str], *, count: int = 1) -> list[JobSpec]:
         asked = f"--count {count}" if len(paths) == 1 else f"{len(paths)} specs x --count {count}"
         raise UserError(f"{asked} is {count * len(paths)} jobs, more than one submit takes "
                         f"({MAX_JOBS}); split them over several commands")
+    job_ids = new_job_ids(count * len(paths))
     specs: list[JobSpec] = []
     problems: list[str] = []
     for n, path in enumerate(paths):
         try:
             data = read_spec_data(path)
             _check_names_differ(data, path, count)
-            specs += parse_copies(data, range(n * count, (n + 1) * count), path)
+            specs += parse_copies(data, range(n * count, (n + 1) * count), path,
+                                  job_ids[n * count:(n + 1) * count])
         except UserError as exc:
             problems.append(str(exc))
     if problems:
         raise UserError("\n".join(problems))
-    return specs
+    return job_ids, specs
 
 
 def _check_names_differ(data: Any, path: str, count: int) -> None:
     """Refuse copies of a spec that would all create resources of the same names."""
-    from orchestrator.spec import has_index, resource_names
+    from orchestrator.spec import is_templated, resource_names
 
     names = resource_names(data)
-    if count > 1 and names and not any(has_index(name) for name in names.values()):
+    if count > 1 and names and not any(is_templated(name) for name in names.values()):
         raise UserError(f"{path}: --count {count} would give every copy the same resource names "
-                        f"({', '.join(names)}), so the jobs would collide; put {{index}} in at least one, "
-                        'e.g. name: "ws-{index}"')
+                        f"({', '.join(names)}), so the jobs would collide; put {{index}} or {{job}} in at "
+                        'least one, e.g. name: "ws-{index}"')
 
 
-async def _submit(settings: Settings, specs: list[JobSpec], *, wait: bool, as_json: bool) -> bool:
-    """Submit every spec in one transaction and print the IDs or jobs; False if a waited job failed."""
+async def _submit(settings: Settings, job_ids: list[str], specs: list[JobSpec], *, wait: bool,
+                  as_json: bool) -> bool:
+    """Submit every spec in one transaction, under the given IDs, and print the IDs or jobs;
+    False if a waited job failed."""
     from orchestrator.machine import JobState
 
     await _check_reused(settings, specs)
     store = await open_store(settings, create=True)
     try:
-        ids = await store.submit_many(specs)
+        ids = await store.submit_many(specs, ids=job_ids)
         if not as_json:
             click.echo("\n".join(ids))
         if not wait:
@@ -334,6 +357,90 @@ async def _states(store: JobStore, ids: list[str]) -> dict[str, JobState]:
             query = select(jobs.c.id, jobs.c.state).where(jobs.c.id.in_(ids[start:start + 500]))
             found.update((job_id, JobState(state)) for job_id, state in await conn.execute(query))
     return found
+
+
+# --- plan, example ---------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("spec_file", metavar="SPEC", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object: {spec, name, fabric_url, proceeds, steps: [{step, action, name, id, "
+                   "reason}]}.")
+@global_options
+@click.pass_context
+def plan(ctx: click.Context, spec_file: str, as_json: bool) -> None:
+    """Check SPEC against Fabric and print what `run SPEC` would do, step by step; writes nothing.
+
+    \b
+    Each resource is one of:
+      create NAME        nothing of that name exists (inside a workspace the job creates, nothing can)
+      reuse ID           the spec's {id: ...}; it exists
+      adopt ID           one same-named resource exists and the spec says on_existing: adopt
+      refuse: REASON     a name already taken (on_existing: fail), a reused ID that does not exist,
+                         or a catalogue value Fabric does not offer (spec_code, base_model_type)
+    then the waits and the invocation. The checks are the engine's own (catalogues, reused IDs,
+    the look-up by name before a create); only reads are sent, no database is opened. A name
+    with {job} is new for every job: it is shown as written. Under the default configuration the
+    embedded emulator answers, where nothing exists yet; --fabric-url checks a long-running one
+    (or, with --region, Fabric).
+
+    Exit code 0 when run would go ahead, 2 when it would refuse the spec.
+    """
+    # Log events (a retried read) are short lines on stderr, as in `run`: stdout is the plan.
+    settings = settings_from(ctx, log_lines=lambda line: click.echo(line, err=True))
+    from orchestrator.plan import read_draft
+
+    spec, templated = read_draft(spec_file)  # a bad spec: exit 2 before any request
+    made, where = run_async(_plan(settings, spec, templated))
+    if as_json:
+        emit_json({"spec": spec_file, "name": spec.name, "fabric_url": where, "proceeds": made.proceeds,
+                   "steps": [step.as_json() for step in made.steps]})
+    else:
+        fabric = "the embedded emulator, where nothing exists yet" if where == "embedded" else where
+        click.echo(f"plan for {spec_file} (job {spec.name!r}) against {fabric}")
+        click.echo("\n".join(made.lines()))
+        if templated:
+            click.echo("{job} is the new job's ID, its first 8 hex digits")
+        if made.proceeds:
+            click.echo(f"run would proceed: {made.count('create')} to create, {made.count('reuse')} to reuse, "
+                       f"{made.count('adopt')} to adopt")
+    if not made.proceeds:
+        refused = ", ".join(str(step.step) for step in made.refused)
+        raise UserError(f"{spec_file}: run would refuse this spec ({refused})")
+
+
+async def _plan(settings: Settings, spec: JobSpec, templated: dict[str, str]) -> tuple[Any, str]:
+    """The plan, and where it was checked (``embedded`` or Fabric's URL)."""
+    from orchestrator.plan import make_plan
+    from orchestrator.wiring import client_for, fabric_target
+
+    async with fabric_target(settings, announce=False) as target, client_for(settings, target) as client:
+        made = await make_plan(client, spec, templated=templated)
+    return made, "embedded" if target.embedded else target.fabric_url
+
+
+@main.command()
+@click.argument("name", required=False)
+@global_options
+def example(name: str | None) -> None:
+    """Print the bundled example spec NAME on stdout; without NAME, list them.
+
+    \b
+    From any directory:
+      fabricflow example                            # list them
+      fabricflow example quickstart > quickstart.yaml
+      fabricflow run quickstart.yaml
+    """
+    from orchestrator.examples import example_files, example_text, summary
+
+    if name is not None:
+        click.echo(example_text(name), nl=False)
+        return
+    files = example_files()
+    width = max((len(n) for n in files), default=0)
+    for found, path in files.items():
+        click.echo(f"{found:<{width}}  {summary(path)}")
 
 
 # --- daemon ------------------------------------------------------------------------------------

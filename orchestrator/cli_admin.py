@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import errno
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import click
 
 from orchestrator.cli_common import Group, emit_json, global_options, run_async, settings_from
+from orchestrator.cli_ops import Duration
 from orchestrator.errors import UserError
 
 
@@ -104,7 +106,7 @@ def _check_state_file(path: Path) -> None:
 @click.group(cls=Group, name="db")
 @global_options
 def db_group() -> None:
-    """Database schema commands."""
+    """Database commands: upgrade the schema, prune finished jobs."""
 
 
 @db_group.command()
@@ -124,6 +126,47 @@ def upgrade(ctx: click.Context) -> None:
 
     head = run_async(go())
     click.echo(f"{db.describe(settings.db)}: schema at {head} (current)")
+
+
+@db_group.command()
+@click.option("--older-than", "older_than", type=Duration(), required=True, metavar="DURATION",
+              help="Remove jobs that finished longer ago than this: 30d, 12h, 90m, 45s, 2w.")
+@click.option("--dry-run", is_flag=True, help="Count what would be removed; remove nothing.")
+@click.option("--with-resources", is_flag=True,
+              help="Also remove jobs whose resources were never torn down (`fabricflow orphans` then "
+                   "lists those resources).")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object: {dry_run, older_than, before, jobs: [IDs], rows: {jobs, steps, events, "
+                   "invocations}, daemons, kept: {for_teardown: [IDs], with_resources: [IDs]}}.")
+@global_options
+@click.pass_context
+def prune(ctx: click.Context, older_than: timedelta, dry_run: bool, with_resources: bool, as_json: bool) -> None:
+    """Remove finished jobs' rows: their steps, events and invocations with them.
+
+    Only jobs that ended (SUCCEEDED, FAILED, CANCELLED) longer ago than --older-than go. A job
+    still PENDING or RUNNING never does. Neither does one that a teardown still refers to
+    (unless that teardown goes too: a teardown reads its job's steps and shows what it tore
+    down), nor, without --with-resources, a job whose resources were never torn down: its row is
+    the only record of what it made, for `teardown` and `invoke`, and without it `orphans` would
+    list a service still in use. The registry rows of daemons stopped (or silent) since before
+    then go as well.
+
+    \b
+      fabricflow db prune --older-than 30d --dry-run   # what would go; nothing removed
+      fabricflow db prune --older-than 30d
+
+    Safe while daemons run: each batch of 500 jobs is one transaction, and a job retried
+    meanwhile is left alone.
+    """
+    from orchestrator.cli_ops import format_prune
+    from orchestrator.cli_ops import prune as prune_rows
+
+    settings = settings_from(ctx)
+    outcome = run_async(prune_rows(settings, older_than=older_than, dry_run=dry_run, with_resources=with_resources))
+    if as_json:
+        emit_json(outcome)
+    else:
+        click.echo(format_prune(outcome))
 
 
 @click.group(cls=Group, name="config")

@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
 
@@ -73,11 +73,23 @@ def settings_from(ctx: click.Context, *, configure_logs: bool = True,
 
     ``configure_logs`` sets up structlog (commands that only read the database log nothing);
     ``log_lines`` turns log events into lines of a command's own progress output (``run``).
-    """
-    from orchestrator.config import load_settings
 
+    Without ``configure_logs``, when ``config_files.quick_db`` is sure of ``db`` (the only
+    setting list, show and events use), Settings are built only if something else is asked
+    for: those commands then never import pydantic-settings. Either way the answers, and the
+    errors, are those of Settings.
+    """
     given = dict(ctx.find_root().meta.get("fabricflow.globals", {}))
     config_file = given.pop("config", None)
+    if not configure_logs:
+        from orchestrator.config_files import quick_db
+
+        db = quick_db(config_file, given)
+        if db is not None:
+            ctx.find_root().meta["fabricflow.db"] = db
+            return cast("Settings", _DeferredSettings(db, config_file, given))
+    from orchestrator.config import load_settings
+
     settings = load_settings(config_file, **given)
     ctx.find_root().meta["fabricflow.db"] = settings.db
     if configure_logs:
@@ -87,6 +99,23 @@ def settings_from(ctx: click.Context, *, configure_logs: bool = True,
         color = sys.stderr.isatty() and not os.environ.get("NO_COLOR")
         logs.configure(settings.log_level, settings.log_format, color=color, lines=log_lines)
     return settings
+
+
+class _DeferredSettings:
+    """Settings whose ``db`` is known (``quick_db``); any other attribute builds them in full."""
+
+    def __init__(self, db: str, config_file: str | None, given: dict[str, Any]) -> None:
+        self.db = db
+        self._args = (config_file, given)
+        self._settings: Settings | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._settings is None:
+            from orchestrator.config import load_settings
+
+            config_file, given = self._args
+            self._settings = load_settings(config_file, **given)
+        return getattr(self._settings, name)
 
 
 def run_async(coro: Awaitable[T]) -> T:

@@ -8,9 +8,7 @@ the official SDK's credentials file.
 
 from __future__ import annotations
 
-import configparser
 import os
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,22 +20,18 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+# The files Settings are read from are read without pydantic, in config_files (which the read
+# commands use alone, to start quickly); these names are re-exported from here.
+from orchestrator.config_files import (  # noqa: F401 - re-exported
+    DEFAULT_CONFIG_FILE,
+    EMBEDDED,
+    REGIONS,
+    config_files,
+    default_db_url,
+    merged_toml,
+    sdk_credentials_file,
+)
 from orchestrator.errors import UserError
-
-EMBEDDED = "embedded"  # fabric_url value meaning "start the bundled emulator in-process"
-# Installed from a wheel, config/ is inside the package (pyproject.toml maps it there); in a
-# checkout, installed editable or not, it is at the repository's top level.
-_PACKAGE = Path(__file__).resolve().parent
-DEFAULT_CONFIG_FILE = _PACKAGE / "_config" / "default.toml"
-if not DEFAULT_CONFIG_FILE.is_file():
-    DEFAULT_CONFIG_FILE = _PACKAGE.parent / "config" / "default.toml"
-REGIONS = ("cn-north-4", "cn-southwest-2")
-
-
-def default_db_url() -> str:
-    """A SQLite file under the user's data directory (XDG), shared by the CLI and the daemon."""
-    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    return f"sqlite+aiosqlite:///{base / 'fabricflow' / 'fabricflow.db'}"
 
 
 class _Section(BaseModel):
@@ -154,7 +148,7 @@ class Settings(BaseSettings):
         return (
             init_settings,
             env_settings,
-            InitSettingsSource(settings_cls, _merged_toml(files)),
+            InitSettingsSource(settings_cls, merged_toml(files)),
         )
 
     @property
@@ -190,46 +184,6 @@ import contextvars  # noqa: E402
 _files_var: contextvars.ContextVar[tuple[Path, ...]] = contextvars.ContextVar("config_files")
 
 
-def _merged_toml(files: tuple[Path, ...]) -> dict[str, Any]:
-    merged: dict[str, Any] = {}
-    for path in files:
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserError(f"{path}: no such config file") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise UserError(f"{path}: not valid TOML: {exc}") from None
-        _deep_merge(merged, data)
-    return merged
-
-
-def _deep_merge(into: dict[str, Any], data: dict[str, Any]) -> None:
-    for key, value in data.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _deep_merge(into[key], value)
-        else:
-            into[key] = value
-
-
-def _sdk_credentials_file() -> dict[str, Any]:
-    """Keys from the official SDK's credentials file (INI, section [basic]), if there is one."""
-    path = Path(
-        os.environ.get("HUAWEICLOUD_SDK_CREDENTIALS_FILE")
-        or Path.home() / ".huaweicloud" / "credentials"
-    )
-    if not path.is_file():
-        return {}
-    parser = configparser.ConfigParser()
-    try:
-        parser.read(path, encoding="utf-8")
-    except configparser.Error as exc:
-        raise UserError(f"{path}: not a valid credentials file: {exc.__class__.__name__}") from None
-    if not parser.has_section("basic"):
-        return {}
-    keys = ("ak", "sk", "project_id", "security_token")
-    return {k: parser.get("basic", k) for k in keys if parser.get("basic", k, fallback="")}
-
-
 def _blame(error: Any, overrides: dict[str, Any], config_file: str | Path | None) -> str:
     """Name where a bad value came from: an option, an environment variable or a file."""
     path = ".".join(str(p) for p in error["loc"])
@@ -245,10 +199,8 @@ def _blame(error: Any, overrides: dict[str, Any], config_file: str | Path | None
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
     """Build Settings from defaults, config files, the environment and explicit overrides."""
-    files = [DEFAULT_CONFIG_FILE] if DEFAULT_CONFIG_FILE.is_file() else []
-    if config_file is not None:
-        files.append(Path(config_file))
-    token = _files_var.set(tuple(files))
+    files = config_files(config_file)
+    token = _files_var.set(files)
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
@@ -266,7 +218,7 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     if settings.ak is None and settings.sk is None and settings.auth_token is None:
         # Like the official SDK: the credentials file only when nothing else names credentials,
         # so a token in the environment is never overridden by keys from the file.
-        file_values = _sdk_credentials_file()
+        file_values = sdk_credentials_file()
         if file_values:
             settings = settings.model_copy(update={
                 "ak": SecretStr(file_values["ak"]) if "ak" in file_values else None,

@@ -3,19 +3,30 @@
 ::
 
     OrchestratorError
-    ├── RetryableError        connect errors, 429/500/502/503/504, read timeouts on reads;
-    │                         may carry ``retry_after`` (seconds, from Retry-After)
-    ├── TerminalError         validation 4xx, auth rejected, schema errors in a response
-    │   └── ResourceFailedError   a resource reached CREATE_FAILED / FAILED on Fabric
-    ├── NeedsReconcileError   outcome unknown: a create was sent but no answer came back
-    └── UserError             bad input from the command line (spec, config, job id): exit 2
-        └── NotFoundError     a job id that matches nothing: exit 3
+    ├── FabricError           what Fabric answered (or did not): status, code, request_id
+    │   ├── RetryableError    connect errors, 429/500/502/503/504, read timeouts on reads;
+    │   │                     may carry ``retry_after`` (seconds, from Retry-After)
+    │   ├── TerminalError     validation 4xx, auth rejected, schema errors in a response
+    │   │   └── ResourceFailedError   a resource reached CREATE_FAILED / FAILED on Fabric
+    │   └── NeedsReconcileError   outcome unknown: a create was sent but no answer came back
+    ├── UserError             bad input (a spec, a setting, a job ID), from the command line or
+    │   │                     the Python API: exit 2
+    │   ├── NotFoundError     a job ID that matches nothing, a missing database: exit 3
+    │   └── DatabaseError     the database failed an operation (locked, read-only, disk full): exit 2
+    └── JobFailedError        a job the caller asked about did not succeed (``check=True``): exit 1
 
+The command line prints any of these as one line and exits with its ``exit_code`` (2 if it has
+none); the Python API (``orchestrator.api``) raises them as they are, with the same messages.
 Only ``fabric.classify.classify`` maps HTTP statuses and aiohttp exceptions into this tree.
 Bugs (``StaleTransition``, ``IllegalTransition``) live outside it and crash loudly.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from orchestrator.domain import Job
 
 
 class OrchestratorError(Exception):
@@ -76,6 +87,28 @@ class NotFoundError(UserError):
     """The thing the user named does not exist. Exit code 3."""
 
     exit_code = 3
+
+
+class DatabaseError(UserError):
+    """The database refused or failed an operation: locked, read-only, full, not a database.
+
+    The message names the database (its file, or its URL without the password). Exit code 2.
+    """
+
+
+class JobFailedError(OrchestratorError):
+    """A job ended in another state than SUCCEEDED; ``job`` is its final snapshot. Exit code 1.
+
+    Raised only where the caller asked for it (``check=True`` in the Python API); otherwise a
+    failed job is returned like any other, with its ``error``.
+    """
+
+    exit_code = 1
+
+    def __init__(self, job: Job) -> None:
+        error = f": {job.error['message']}" if job.error else ""
+        super().__init__(f"job {job.id[:8]} ({job.name}) {job.state}{error}")
+        self.job = job
 
 
 class StaleTransition(RuntimeError):

@@ -1,4 +1,5 @@
-"""structlog setup: one function, called once by the CLI."""
+"""structlog setup: one function, called once by the CLI; and the loggers fabricflow's own
+modules log through, which never configure anything (``get_logger``)."""
 
 from __future__ import annotations
 
@@ -103,3 +104,65 @@ def _has_rich() -> bool:
     except ImportError:
         return False
     return True
+
+
+# --- the library's loggers ----------------------------------------------------------------
+
+
+def get_logger(name: str) -> LibraryLogger:
+    """The logger a fabricflow module logs through (``log = get_logger(__name__)``)."""
+    return LibraryLogger(name)
+
+
+class LibraryLogger:
+    """Logs through structlog once someone has configured it, else through the standard library.
+
+    Unconfigured structlog prints every event to stdout, which a program that embeds fabricflow
+    (the Python API) never asked for. So until structlog is configured (by the CLI's
+    ``configure``, or by the host application itself), each event goes to the standard library
+    logger of the same name as one line (``step_transitioned step=workspace ...``): the host's
+    logging configuration decides what is shown, and with none, INFO is dropped and warnings
+    reach stderr as Python's last-resort handler prints them. Nothing is configured here.
+    """
+
+    __slots__ = ("_stdlib", "_structlog")
+
+    def __init__(self, name: str) -> None:
+        self._structlog = structlog.get_logger(name)
+        self._stdlib = structlog.wrap_logger(
+            logging.getLogger(name),
+            processors=[structlog.stdlib.filter_by_level, structlog.contextvars.merge_contextvars,
+                        drop_secrets, _stdlib_call],
+            wrapper_class=structlog.stdlib.BoundLogger, cache_logger_on_first_use=True)
+
+    def _target(self) -> Any:
+        return self._structlog if structlog.is_configured() else self._stdlib
+
+    def debug(self, event: str, **fields: Any) -> None:
+        """Log a debug event."""
+        self._target().debug(event, **fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        """Log an info event."""
+        self._target().info(event, **fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        """Log a warning event."""
+        self._target().warning(event, **fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        """Log an error event (``exc_info=True`` adds the traceback being handled)."""
+        self._target().error(event, **fields)
+
+
+def _stdlib_call(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of the standard library call: one line, the traceback apart."""
+    data = dict(event_dict)
+    exc_info = data.pop("exc_info", None)
+    event = str(data.pop("event", ""))
+    fields = " ".join(f"{key}={value!r}" if isinstance(value, str) and (not value or " " in value)
+                      else f"{key}={value}" for key, value in data.items())
+    call: dict[str, Any] = {"msg": f"{event} {fields}".rstrip()}
+    if exc_info:
+        call["exc_info"] = exc_info
+    return call

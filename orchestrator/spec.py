@@ -212,8 +212,12 @@ class JobSpec(_Strict):
 _UNION_TAGS = frozenset({"create", "reuse"})
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    """One line per problem: ``source: field.path: reason``."""
+def format_validation_error(exc: ValidationError, source: str, template: Any = None) -> str:
+    """One line per problem: ``source: field.path: reason``.
+
+    ``template`` is the data before ``{index}`` and ``{job}`` were replaced: a bad value made
+    from one says what it became (a name too long once ``{job}`` is 8 characters, say).
+    """
     lines = []
     for err in exc.errors():
         loc = err["loc"]
@@ -224,18 +228,35 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
         if err["type"] == "value_error" and "error" in err.get("ctx", {}):
             # Our validators' messages are sentences already; pydantic prefixes "Value error, ".
             message = str(err["ctx"]["error"])
+        raw = _value_at(template, parts)
+        if isinstance(raw, str) and is_templated(raw) and isinstance(err.get("input"), str):
+            message += f" ({err['input']!r} here, made from {raw!r}{_JOB_NOTE if JOB in raw else ''})"
         lines.append(f"{source}: {path}: {message}")
     return "\n".join(dict.fromkeys(lines))
 
 
-def parse_spec(data: Any, source: str = "spec") -> JobSpec:
-    """Validate already-parsed data as a JobSpec, raising UserError with every problem."""
+def _value_at(data: Any, path: Sequence[Any]) -> Any:
+    for part in path:
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data):
+            data = data[part]
+        else:
+            return None
+    return data
+
+
+def parse_spec(data: Any, source: str = "spec", *, template: Any = None) -> JobSpec:
+    """Validate already-parsed data as a JobSpec, raising UserError with every problem.
+
+    ``template``: the data before its ``{index}``/``{job}`` were replaced, for the messages.
+    """
     if not isinstance(data, dict):
         raise UserError(f"{source}: expected a mapping of fields, got {type(data).__name__}")
     try:
         return JobSpec.model_validate(data)
     except ValidationError as exc:
-        raise UserError(format_validation_error(exc, source)) from None
+        raise UserError(format_validation_error(exc, source, template)) from None
 
 
 #: The largest spec file read, in bytes. Real specs are a few hundred bytes; a YAML parser
@@ -268,9 +289,13 @@ def read_spec_data(path: str | Path) -> Any:
                         f"{_first_line(exc)}") from None
 
 
-def load_spec(path: str | Path) -> JobSpec:
-    """Read a YAML or JSON spec file and validate it."""
-    return parse_spec(read_spec_data(path), str(path))
+def load_spec(path: str | Path, *, job_id: str | None = None) -> JobSpec:
+    """Read a YAML or JSON spec file and validate it; with ``job_id``, as that job's spec
+    (``{job}`` replaced, see ``with_job``)."""
+    data = read_spec_data(path)
+    if job_id is None:
+        return parse_spec(data, str(path))
+    return parse_spec(with_job(data, job_id), str(path), template=data)
 
 
 def _first_line(exc: Exception) -> str:
@@ -281,9 +306,39 @@ def _first_line(exc: Exception) -> str:
 
 #: Replaced, in every string of a spec, by the job's index among those one command submits.
 INDEX = "{index}"
+#: Replaced, in every string of a spec, by the first JOB_LENGTH hexadecimal digits of the new
+#: job's ID, so that every job gets names of its own (a spec can be run again and again).
+JOB = "{job}"
+JOB_LENGTH = 8
+_JOB_NOTE = f"; {JOB} is the job ID's first {JOB_LENGTH} hex digits"
 
 #: The parts of a spec naming a resource the job creates (unless it reuses one by ``id``).
 RESOURCE_PARTS = ("workspace", "endpoint", "model", "service_instance")
+
+
+def _replaced(data: Any, token: str, value: str) -> Any:
+    """``data`` with ``token`` replaced by ``value`` in every string value (not in keys).
+
+    Pure: ``data`` is not changed, and parts without ``token`` are shared, not copied.
+    """
+    if isinstance(data, str):
+        return data.replace(token, value) if token in data else data
+    if isinstance(data, dict):
+        return {key: _replaced(item, token, value) for key, item in data.items()}
+    if isinstance(data, list):
+        return [_replaced(item, token, value) for item in data]
+    return data
+
+
+def _contains(data: Any, tokens: tuple[str, ...]) -> bool:
+    """True when some string value in ``data`` contains one of ``tokens``."""
+    if isinstance(data, str):
+        return any(token in data for token in tokens)
+    if isinstance(data, dict):
+        return any(_contains(value, tokens) for value in data.values())
+    if isinstance(data, list):
+        return any(_contains(value, tokens) for value in data)
+    return False
 
 
 def with_index(data: Any, index: int) -> Any:
@@ -291,24 +346,29 @@ def with_index(data: Any, index: int) -> Any:
 
     Pure: ``data`` is not changed, and parts without ``{index}`` are shared, not copied.
     """
-    if isinstance(data, str):
-        return data.replace(INDEX, str(index)) if INDEX in data else data
-    if isinstance(data, dict):
-        return {key: with_index(value, index) for key, value in data.items()}
-    if isinstance(data, list):
-        return [with_index(value, index) for value in data]
-    return data
+    return _replaced(data, INDEX, str(index))
+
+
+def with_job(data: Any, job_id: str) -> Any:
+    """``data`` with ``{job}`` replaced by the first JOB_LENGTH characters of ``job_id`` in every
+    string value (not in keys); pure, like ``with_index``. Hex digits are valid in every kind of
+    name, but they lengthen it: a workspace name of at most 32 characters leaves 24 around ``{job}``."""
+    return _replaced(data, JOB, job_id[:JOB_LENGTH])
 
 
 def has_index(data: Any) -> bool:
     """True when some string value in ``data`` contains ``{index}``."""
-    if isinstance(data, str):
-        return INDEX in data
-    if isinstance(data, dict):
-        return any(has_index(value) for value in data.values())
-    if isinstance(data, list):
-        return any(has_index(value) for value in data)
-    return False
+    return _contains(data, (INDEX,))
+
+
+def has_job(data: Any) -> bool:
+    """True when some string value in ``data`` contains ``{job}``."""
+    return _contains(data, (JOB,))
+
+
+def is_templated(data: Any) -> bool:
+    """True when some string value in ``data`` contains ``{index}`` or ``{job}``."""
+    return _contains(data, (INDEX, JOB))
 
 
 def resource_names(data: Any) -> dict[str, Any]:
@@ -321,28 +381,38 @@ def resource_names(data: Any) -> dict[str, Any]:
             if isinstance(part := parts.get(key), dict) and "id" not in part and "name" in part}
 
 
-def parse_copies(data: Any, indices: Sequence[int], source: str = "spec") -> list[JobSpec]:
-    """Validate ``with_index(data, i)`` for each index, as ``parse_spec`` would, but quicker.
+def parse_copies(data: Any, indices: Sequence[int], source: str = "spec",
+                 job_ids: Sequence[str] | None = None) -> list[JobSpec]:
+    """Validate each copy of ``data`` as ``parse_spec`` would, but quicker: copy ``n`` with
+    ``{index}`` replaced by ``indices[n]`` and, given ``job_ids``, ``{job}`` by ``job_ids[n]``.
 
-    The first copy is validated in full. The parts of ``data`` without ``{index}`` are the same
-    in every copy, so their validated models from the first copy stand in for them in the others
-    (pydantic accepts a model instance as it is); only the templated parts are validated again.
-    Errors name the copy: ``source (index 7): workspace.name: ...``.
+    The first copy is validated in full. The parts of ``data`` without a template token are the
+    same in every copy, so their validated models from the first copy stand in for them in the
+    others (pydantic accepts a model instance as it is); only the templated parts are validated
+    again. Errors name the copy: ``source (index 7): workspace.name: ...``.
     """
+    if job_ids is not None and len(job_ids) != len(indices):
+        raise ValueError(f"{len(indices)} indices but {len(job_ids)} job IDs")
     if not indices:
         return []
     label = (lambda i: f"{source} (index {i})") if len(indices) > 1 else (lambda i: source)
-    first = parse_spec(with_index(data, indices[0]), label(indices[0]))
-    if not has_index(data):
+
+    def copy(frame: Any, n: int) -> Any:
+        frame = with_index(frame, indices[n])
+        return frame if job_ids is None else with_job(frame, job_ids[n])
+
+    first = parse_spec(copy(data, 0), label(indices[0]), template=data)
+    if not is_templated(data):
         return [first] * len(indices)  # frozen models: one instance can stand for every copy
     frame = _share_validated(data, first)
-    return [first, *(parse_spec(with_index(frame, i), label(i)) for i in indices[1:])]
+    return [first, *(parse_spec(copy(frame, n), label(indices[n]), template=data)
+                     for n in range(1, len(indices)))]
 
 
 def _share_validated(raw: Any, done: Any) -> Any:
-    """``raw`` with each part that has no ``{index}`` replaced by its validated model from
+    """``raw`` with each part that has no template token replaced by its validated model from
     ``done`` (the validated first copy); sound because a part's validation depends only on it."""
-    if isinstance(done, BaseModel) and not has_index(raw):
+    if isinstance(done, BaseModel) and not is_templated(raw):
         return done
     if isinstance(raw, dict) and isinstance(done, BaseModel):
         fields = type(done).model_fields

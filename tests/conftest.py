@@ -17,7 +17,10 @@ from orchestrator.spec import JobSpec, parse_spec
 from orchestrator.store.jobs import JobStore
 
 ROOT = Path(__file__).resolve().parent.parent
-QUICKSTART = ROOT / "examples" / "quickstart.yaml"
+# The quick start with fixed names (which the tests assert on); the example itself names its
+# workspace after each job ("quickstart-{job}"). tests/unit/test_examples.py keeps them alike.
+QUICKSTART = ROOT / "tests" / "data" / "quickstart-fixed.yaml"
+EXAMPLE_QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 
 
 @pytest.fixture(autouse=True)

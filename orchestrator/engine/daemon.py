@@ -12,7 +12,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import structlog
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
@@ -22,15 +21,26 @@ from orchestrator.domain import Job
 from orchestrator.engine.health import DaemonMetrics, serving
 from orchestrator.engine.runner import Runner
 from orchestrator.errors import UserError
-from orchestrator.store import db
+from orchestrator.logs import get_logger
+from orchestrator.store import db, ops
 from orchestrator.store.jobs import JobStore
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)  # structlog if configured, else stdlib logging: never stdout
 
 
 def new_owner() -> str:
     """A lease owner name a person can trace back to a process: host:pid:random."""
     return f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def _version() -> str:
+    """fabricflow's version, as the registry records it (who still runs an old one)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fabricflow")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
 
 
 def is_dead(owner: str) -> bool:
@@ -90,9 +100,11 @@ CANCEL_POLL_SECONDS = 1.0
 
 @contextlib.asynccontextmanager
 async def heartbeat(store: JobStore, runner: Runner, settings: DaemonSettings,
-                    on_beat: Callable[[bool], None] | None = None) -> AsyncIterator[None]:
+                    on_beat: Callable[[bool], None] | None = None, *,
+                    registered: bool = False) -> AsyncIterator[None]:
     """While the block runs: renew every lease the runner's owner holds (one statement per
-    beat), and pass cancellation requests written by the CLI on to the runner."""
+    beat; ``registered``: and the daemon's registry row, in the same transaction), and pass
+    cancellation requests written by the CLI on to the runner."""
     owner = runner.owner
 
     async def beat() -> None:
@@ -100,7 +112,11 @@ async def heartbeat(store: JobStore, runner: Runner, settings: DaemonSettings,
             await asyncio.sleep(settings.heartbeat_seconds)
             try:
                 # Only the jobs this process really runs: a job whose runner is gone must lapse.
-                await store.heartbeat(owner, lease=settings.lease_seconds, job_ids=runner.active())
+                if registered:
+                    await store.writer.run(ops.daemon_heartbeat(owner, runner.active(), lease=settings.lease_seconds),
+                                           urgent=True)
+                else:
+                    await store.heartbeat(owner, lease=settings.lease_seconds, job_ids=runner.active())
             except Exception as exc:  # a missed beat is survivable; the next one may succeed
                 log.warning("heartbeat_failed", error=type(exc).__name__)
                 if on_beat is not None:
@@ -161,8 +177,13 @@ class Daemon:
         cfg = self.settings
         lock = sqlite_file_lock(self.url) if db.is_sqlite(self.url) else contextlib.nullcontext()
         with lock:
+            # After the lock: a second daemon refused on a SQLite file leaves no row behind.
+            await self.store.writer.run(ops.register_daemon(
+                self.owner, host=socket.gethostname(), pid=os.getpid(), version=_version(),
+                lease=cfg.lease_seconds), urgent=True)
             async with contextlib.AsyncExitStack() as stack:
-                await stack.enter_async_context(heartbeat(self.store, self.runner, cfg, self.metrics.beat))
+                await stack.enter_async_context(heartbeat(self.store, self.runner, cfg, self.metrics.beat,
+                                                          registered=True))
                 await stack.enter_async_context(self.store.listen(self._wake.set))
                 if self.metrics_address is not None:
                     host, port = self.metrics_address
@@ -206,6 +227,11 @@ class Daemon:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), timeout=pause)
                 await self._drain()
+            # Once the heartbeat has stopped, so that no beat lands after it.
+            try:
+                await self.store.writer.run(ops.daemon_stopped(self.owner), urgent=True)
+            except (DBAPIError, SQLAlchemyTimeoutError, OSError) as exc:  # its row goes stale instead
+                log.warning("daemon_stop_unrecorded", error=type(exc).__name__)
         writes = self.store.writer.stats()
         log.info("daemon_stopped", owner=self.owner, write_commits=writes.batches,
                  write_operations=writes.operations, write_statements=writes.statements)

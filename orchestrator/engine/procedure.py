@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-import structlog
 
 from orchestrator.domain import Job, carries_marker, ownership_marker
 from orchestrator.engine.steps import CREATE_STEPS, POLL_STEPS, CreateStep, Found, PollStep, invocation_body
@@ -28,14 +27,16 @@ from orchestrator.errors import (
     TerminalError,
 )
 from orchestrator.fabric.client import FabricClient
+from orchestrator.logs import get_logger
 from orchestrator.fabric.models import RUNNING
 from orchestrator.spec import JobSpec, Reuse
 from orchestrator.machine import ROWS, Action, StepName, StepState, poll_delay
+from orchestrator.plan import check_first_create
 
 if TYPE_CHECKING:
     from orchestrator.engine.runner import Context, Runner
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)  # structlog if configured, else stdlib logging: never stdout
 
 
 async def advance(rt: Runner, ctx: Context, name: StepName) -> None:
@@ -73,9 +74,10 @@ async def create(rt: Runner, ctx: Context, name: StepName, ops: CreateStep) -> N
         if first or not _own_workspace(ctx.job):
             try:
                 if first:
-                    # Before the job's first create, every catalogue value it will send (spec_code,
-                    # base_model_type) is checked: a bad spec must leave no resource behind.
-                    await _check_catalogues(rt, ctx)
+                    # Before the job's first create, what `fabricflow plan` checks: every catalogue
+                    # value it will send (spec_code, base_model_type) and, in a workspace it reuses,
+                    # the names its later creates would send. A bad spec leaves no resource behind.
+                    await check_first_create(rt.client, spec, ctx.job, first=name)
                 if await _look(rt, ctx, name, ops, state, request_name, marker):
                     return
             except (RetryableError, NeedsReconcileError) as exc:
@@ -126,10 +128,10 @@ async def create(rt: Runner, ctx: Context, name: StepName, ops: CreateStep) -> N
             # The create may still be carried out, however long after: settle before another.
             leased_at = None
             settle = _Settle(rt.settings.settle_seconds, "the last attempt")
-            attempts = await rt.retry(ctx, name, state, attempts, exc)
+            attempts = await rt.retry(ctx, name, state, attempts, exc, cancellable=False)
         except RetryableError as exc:
-            leased_at = None
-            attempts = await rt.retry(ctx, name, state, attempts, exc)
+            leased_at = None  # while a create may still land, a cancel waits for the window
+            attempts = await rt.retry(ctx, name, state, attempts, exc, cancellable=settle is None)
         except TerminalError as exc:
             await rt.fail(ctx, name, state, exc)
 
@@ -450,15 +452,6 @@ def _first_create(ctx: Context, name: StepName) -> bool:
         if ctx.job.step(step).state is not StepState.SKIPPED:
             return False
     return False
-
-
-async def _check_catalogues(rt: Runner, ctx: Context) -> None:
-    """Raise TerminalError if a later create would send a value Fabric's catalogues lack."""
-    assert ctx.spec is not None
-    for ops in CREATE_STEPS.values():
-        if ops.validate is not None and ops.reuse(ctx.spec) is None:
-            part = getattr(ctx.spec, ops.spec_key)
-            await ops.validate(rt.client, part.model_dump(mode="json", exclude_none=True))
 
 
 def _own_workspace(job: Job) -> bool:

@@ -21,7 +21,9 @@ from orchestrator.domain import Job
 from orchestrator.engine.poller import SharedPoller
 from orchestrator.errors import FabricError, NeedsReconcileError, StaleTransition
 from orchestrator.fabric.client import FabricClient
+from orchestrator.logs import get_logger
 from orchestrator.machine import (
+    Action,
     JobKind,
     JobState,
     OutcomeKind,
@@ -35,7 +37,7 @@ from orchestrator.spec import JobSpec
 from orchestrator.store.jobs import JobStore
 from orchestrator.store.ops import JobEnd, StepMove, applied
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)  # structlog if configured, else stdlib logging: never stdout
 
 
 class Observer(Protocol):
@@ -232,7 +234,11 @@ class Runner:
                 await teardown.wait_for_parent(self, ctx)
             order = job.order
             while (name := next_step({n: s.state for n, s in ctx.job.steps.items()}, order)) is not None:
-                self.checkpoint(ctx, name)
+                # A create left IN_FLIGHT by an earlier run may still land: its step settles first
+                # (and stops at its own safe point before any create), however soon a cancel came.
+                unsettled = job.kind is JobKind.CREATE and ctx.job.steps[name].state is StepState.IN_FLIGHT \
+                    and row_of(job.kind, name).action is Action.CREATE
+                self.checkpoint(ctx, name, cancellable=not unsettled)
                 failed_step = ctx.job.steps[name]
                 if failed_step.state is StepState.FAILED:  # written by an older fabricflow, or by hand
                     raise StepFailed(name, failed_step.error or {"code": "fabricflow.failed", "message":
@@ -287,11 +293,12 @@ class Runner:
         ctx.staged, ctx.staged_result = [], None
         self._report(ctx, staged)
 
-    def checkpoint(self, ctx: Context, name: StepName | None) -> None:
-        """A safe point: stop here if asked to drain, cancel, or out of time."""
+    def checkpoint(self, ctx: Context, name: StepName | None, *, cancellable: bool = True) -> None:
+        """A safe point: stop here if asked to drain, cancel (unless not ``cancellable``), or out
+        of time."""
         if self.stop.is_set():
             raise Released
-        if ctx.cancel.is_set() or ctx.job.cancel_requested_at is not None:
+        if cancellable and (ctx.cancel.is_set() or ctx.job.cancel_requested_at is not None):
             raise Cancelled
         if ctx.deadline is not None and self.store.clock() >= ctx.deadline:
             assert ctx.spec is not None
@@ -349,8 +356,9 @@ class Runner:
             self.observer.on_step(ctx.job, move.name, move.to, move.detail)
 
     async def retry(self, ctx: Context, name: StepName, state: StepState, attempts: int,
-                    exc: FabricError) -> int:
-        """The retryable/unknown-outcome edge: bump attempts, record why, back off."""
+                    exc: FabricError, *, cancellable: bool = True) -> int:
+        """The retryable/unknown-outcome edge: bump attempts, record why, back off (a requested
+        cancel cuts the back-off short unless ``cancellable`` is False: see ``sleep``)."""
         kind = OutcomeKind.UNKNOWN if isinstance(exc, NeedsReconcileError) else OutcomeKind.RETRYABLE
         now = self.store.clock()
         decision = decide(row_of(ctx.job.kind, name), state, kind, attempts=attempts, now=now,
@@ -365,7 +373,7 @@ class Runner:
         await self.move(ctx, name, state, decision.state,
                         f"attempt {decision.attempts} failed ({what}): {exc.message}; retrying in {delay:.1f}s",
                         attempts=decision.attempts, run_after=decision.run_after, error=exc.as_dict())
-        await self.sleep(ctx, delay)
+        await self.sleep(ctx, delay, cancellable=cancellable)
         return decision.attempts
 
     async def fail(self, ctx: Context, name: StepName, state: StepState, exc: FabricError, **fields: Any) -> None:

@@ -90,17 +90,27 @@ class JobStore(LeaseMixin):
 
     # --- submitting and reading -------------------------------------------------------------
 
-    async def submit(self, spec: JobSpec, *, owner: str | None = None, lease: float = 30.0) -> Job:
+    async def submit(self, spec: JobSpec, *, owner: str | None = None, lease: float = 30.0,
+                     job_id: str | None = None) -> Job:
         """Insert a job with its steps, all PENDING; the job PENDING, or already RUNNING under
         ``owner`` (``fabricflow run``: no moment in which a daemon could claim it first)."""
-        (job_id,) = await self.submit_many([spec], owner=owner, lease=lease)
+        (job_id,) = await self.submit_many([spec], owner=owner, lease=lease,
+                                           ids=None if job_id is None else [job_id])
         return await self.get(job_id)
 
     async def submit_many(self, specs: Iterable[JobSpec], *, owner: str | None = None,
-                          lease: float = 30.0) -> list[str]:
-        """Insert many jobs in one transaction, durable when this returns; their IDs in order."""
+                          lease: float = 30.0, ids: Sequence[str] | None = None) -> list[str]:
+        """Insert many jobs in one transaction, durable when this returns; their IDs in order.
+
+        ``ids`` gives the jobs IDs chosen beforehand (``{job}`` in a spec is replaced by its job's
+        ID before the spec is validated); by default each gets a new one.
+        """
+        batch = list(specs)
+        if ids is not None and len(ids) != len(batch):
+            raise ValueError(f"{len(batch)} specs but {len(ids)} job IDs")
         new = [ops.NewJob(name=spec.name, kind=JobKind.CREATE, spec=spec.model_dump(mode="json"),
-                          detail=f"submitted {spec.name!r}") for spec in specs]
+                          detail=f"submitted {spec.name!r}", **({} if ids is None else {"id": ids[n]}))
+               for n, spec in enumerate(batch)]
         if not new:
             return []
         return await self._writer.run(ops.insert_jobs(new, at=self.clock(), owner=owner, lease=lease,

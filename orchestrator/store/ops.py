@@ -13,7 +13,7 @@ import json
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from orchestrator.domain import Job, Step
@@ -29,7 +29,7 @@ from orchestrator.machine import (
     order_of,
 )
 from orchestrator.spec import SPEC_VERSION
-from orchestrator.store.readonly import job_from_row
+from orchestrator.store.readonly import as_utc, job_from_row
 from orchestrator.store.writer import Dialect, Op, Sql
 
 _EVENT = ("INSERT INTO events (job_id, at, step, from_state, to_state, detail) "
@@ -234,6 +234,44 @@ def heartbeat_all(owner: str, *, lease: float) -> Callable[[Dialect], Op[int]]:
     return op
 
 
+# --- the daemon registry (`fabricflow status`) ------------------------------------------------
+
+def register_daemon(owner: str, *, host: str, pid: int, version: str,
+                    lease: float) -> Callable[[Dialect], Op[None]]:
+    """Insert a starting daemon's row: it is alive from now until its heartbeats stop."""
+
+    def op(d: Dialect) -> Op[None]:
+        yield Sql("INSERT INTO daemons (owner, host, pid, version, lease_seconds, started_at, heartbeat_at,"
+                  " jobs_held) VALUES (:owner, :host, :pid, :version, :lease_seconds, {now}, {now}, 0)",
+                  {"owner": owner, "host": host, "pid": pid, "version": version, "lease_seconds": lease})
+
+    return op
+
+
+def daemon_heartbeat(owner: str, job_ids: Iterable[str], *, lease: float) -> Callable[[Dialect], Op[int]]:
+    """``heartbeat`` and the daemon's own row in the same transaction: its heartbeat time on the
+    database's clock and how many leases it renewed; how many."""
+    renew_leases = heartbeat(owner, job_ids, lease=lease)
+
+    def op(d: Dialect) -> Op[int]:
+        held = yield from renew_leases(d)
+        yield Sql("UPDATE daemons SET heartbeat_at = {now}, jobs_held = :held WHERE owner = :owner",
+                  {"owner": owner, "held": held})
+        return held
+
+    return op
+
+
+def daemon_stopped(owner: str) -> Callable[[Dialect], Op[None]]:
+    """Mark a daemon stopped cleanly, with the jobs it still holds (those a drain abandoned)."""
+
+    def op(d: Dialect) -> Op[None]:
+        yield Sql("UPDATE daemons SET stopped_at = {now}, jobs_held = (SELECT COUNT(*) FROM jobs WHERE"
+                  " lease_owner = :owner AND state = 'RUNNING') WHERE owner = :owner", {"owner": owner})
+
+    return op
+
+
 def mark_progress(job_id: str, owner: str) -> Callable[[Dialect], Op[None]]:
     """The run got a useful answer from Fabric: its streak of interrupted runs is over."""
 
@@ -362,3 +400,122 @@ def applied(job: Job, moves: Sequence[StepMove], *, at: datetime) -> Job:
             values["extra"] = {}
         steps[move.name] = replace(old, **values)
     return replace(job, steps=steps, updated_at=at, recoveries=0)
+
+
+# --- pruning (`fabricflow db prune`) ----------------------------------------------------------
+
+_FINISHED = ", ".join(f"'{state}'" for state in JobState if state.is_terminal)
+
+
+def _old(alias: str) -> str:
+    return f"{alias}.state IN ({_FINISHED}) AND COALESCE({alias}.finished_at, {alias}.updated_at) < :before"
+
+
+# A teardown that stays (unfinished, or finished since :before) keeps its job: it reads the job's
+# steps to know what to delete, and shows what it tore down.
+_HELD_BY_TEARDOWN = f"EXISTS (SELECT 1 FROM jobs c WHERE c.parent_id = j.id AND NOT ({_old('c')}))"
+# A create job that recorded a resource (or may have made one: a step IN_FLIGHT) and was never torn
+# down: its row is the only record of what it made (for `teardown`, `invoke`), and without it
+# `fabricflow orphans` would take a service still in use for an orphan.
+_OWNS_RESOURCES = (
+    "j.kind = 'create' AND EXISTS (SELECT 1 FROM steps s WHERE s.job_id = j.id AND (s.state = 'IN_FLIGHT'"
+    " OR (s.resource_id IS NOT NULL AND s.state <> 'SKIPPED'))) AND NOT EXISTS (SELECT 1 FROM jobs t"
+    " WHERE t.parent_id = j.id AND t.state = 'SUCCEEDED')")
+_JOB_TABLES = ("events", "invocations", "steps")
+
+
+def _prunable(with_resources: bool) -> str:
+    return f"{_old('j')} AND NOT {_HELD_BY_TEARDOWN}" + ("" if with_resources else f" AND NOT ({_OWNS_RESOURCES})")
+
+
+@dataclass(frozen=True, slots=True)
+class PrunePlan:
+    """The jobs a prune removes (teardowns first), the old finished ones it keeps (for a
+    teardown's sake, or for the resources they own), and the rows of each table that go."""
+
+    job_ids: list[str]
+    kept_for_teardown: list[str]
+    kept_with_resources: list[str]
+    rows: dict[str, int]
+    daemons: list[str]
+
+
+def prune_plan(*, before: datetime, at: datetime, with_resources: bool = False) -> Callable[[Dialect], Op[PrunePlan]]:
+    """What ``prune_jobs`` would remove: jobs that finished (SUCCEEDED, FAILED, CANCELLED) before
+    ``before``; never one a teardown that stays refers to, nor (unless ``with_resources``) a
+    create job whose resources were never torn down. And the registry rows of daemons stopped
+    before then, or silent since then and past their lease at ``at``."""
+
+    def op(d: Dialect) -> Op[PrunePlan]:
+        found = yield Sql(f"SELECT j.id FROM jobs j WHERE {_prunable(with_resources)} ORDER BY CASE WHEN"
+                          " j.kind = 'teardown' THEN 0 ELSE 1 END, COALESCE(j.finished_at, j.updated_at), j.id",
+                          {"before": before})
+        job_ids = [r["id"] for r in found.rows]
+        held = yield Sql(f"SELECT j.id FROM jobs j WHERE {_old('j')} AND {_HELD_BY_TEARDOWN} ORDER BY j.id",
+                         {"before": before})
+        owning = [] if with_resources else (yield Sql(
+            f"SELECT j.id FROM jobs j WHERE {_old('j')} AND NOT {_HELD_BY_TEARDOWN} AND {_OWNS_RESOURCES}"
+            " ORDER BY j.id", {"before": before})).rows
+        ids = json.dumps(job_ids)
+        rows = {"jobs": len(job_ids)}
+        for table in _JOB_TABLES:
+            counted = yield Sql(f"SELECT COUNT(*) AS n FROM {table} WHERE job_id IN ({{ids}})", {"ids": ids})
+            rows[table] = int(counted.rows[0]["n"])
+        daemons = yield from _old_daemons(before, at)
+        return PrunePlan(job_ids=job_ids, kept_for_teardown=[r["id"] for r in held.rows],
+                         kept_with_resources=[r["id"] for r in owning], rows=rows, daemons=daemons)
+
+    return op
+
+
+def _old_daemons(before: datetime, at: datetime) -> Op[list[str]]:
+    found = yield Sql("SELECT owner, lease_seconds, heartbeat_at, stopped_at FROM daemons WHERE"
+                      " COALESCE(stopped_at, heartbeat_at) < :before", {"before": before})
+    owners = []
+    for r in found.rows:
+        # One not stopped goes only once its lease is over: a short --older-than never forgets a live one.
+        silent_since = as_utc(r["heartbeat_at"]) or at
+        if r["stopped_at"] is not None or silent_since + timedelta(seconds=float(r["lease_seconds"])) < at:
+            owners.append(r["owner"])
+    return owners
+
+
+def prune_jobs(job_ids: Sequence[str], *, before: datetime,
+               with_resources: bool = False) -> Callable[[Dialect], Op[tuple[list[str], dict[str, int]]]]:
+    """Delete those of ``job_ids`` that are still prunable (checked again, rows locked on
+    PostgreSQL: a job retried meanwhile stays) with their events, invocations and steps,
+    explicitly rather than by cascade, which counts them; the IDs removed and the rows per table."""
+    ids = json.dumps(list(job_ids))
+
+    def op(d: Dialect) -> Op[tuple[list[str], dict[str, int]]]:
+        found = yield Sql(f"SELECT j.id FROM jobs j WHERE j.id IN ({{ids}}) AND {_prunable(with_resources)}"
+                          " {skip_locked}",
+                          {"ids": ids, "before": before})
+        removed = [r["id"] for r in found.rows]
+        rows = dict.fromkeys(("jobs", *_JOB_TABLES), 0)
+        if not removed:
+            return removed, rows
+        still = json.dumps(removed)
+        for table in _JOB_TABLES:
+            done = yield Sql(f"DELETE FROM {table} WHERE job_id IN ({{ids}})", {"ids": still})
+            rows[table] = done.rowcount
+        done = yield Sql("DELETE FROM jobs WHERE id IN ({ids})", {"ids": still})
+        rows["jobs"] = done.rowcount
+        return removed, rows
+
+    return op
+
+
+def prune_daemons(owners: Sequence[str], *, before: datetime) -> Callable[[Dialect], Op[int]]:
+    """Delete these daemons' registry rows, unless one has sent a heartbeat since ``before``
+    (it was hung, not dead); how many."""
+    ids = json.dumps(list(owners))
+
+    def op(d: Dialect) -> Op[int]:
+        if not owners:
+            return 0
+        done = yield Sql("DELETE FROM daemons WHERE owner IN ({ids}) AND (stopped_at IS NOT NULL OR"
+                         " heartbeat_at < :before)", {"ids": ids, "before": before})
+        return done.rowcount
+
+    return op

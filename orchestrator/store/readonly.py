@@ -1,4 +1,5 @@
-"""Reading a SQLite job database with the standard library alone, for `list`, `show` and `events`.
+"""Reading a SQLite job database with the standard library alone, for `list`, `show`, `events`
+and `status`.
 
 Importing SQLAlchemy and Alembic costs more CPU than such a command does in all
 (benchmarks/startup.py), so these commands read the file through stdlib ``sqlite3``, opened
@@ -25,7 +26,7 @@ from orchestrator.machine import JobKind, JobState, StepName, StepState
 #: The Alembic revision these queries are written for. tests/unit/test_readonly.py checks that it
 #: is the newest migration: a new migration fails that test until the queries here are checked
 #: against it (until then a database at the new revision is read through JobStore, correctly).
-SCHEMA_REVISION = "0002"
+SCHEMA_REVISION = "0003"
 
 # A plain SQLite URL as SQLAlchemy reads it, with a driver fabricflow takes: no options after "?".
 _SQLITE_URL = re.compile(r"^sqlite(?:\+aiosqlite)?:///([^?]+)$")
@@ -88,6 +89,9 @@ class ReadOnlyStore:
         return cls(conn, path)
 
     def _rows(self, sql: str, *params: Any) -> list[sqlite3.Row]:
+        return self._query(sql, params)
+
+    def _query(self, sql: str, params: tuple[Any, ...] | dict[str, Any]) -> list[sqlite3.Row]:
         try:
             return self._conn.execute(sql, params).fetchall()
         except sqlite3.Error as exc:
@@ -125,8 +129,12 @@ class ReadOnlyStore:
         """The job's events with an id greater than ``after``, oldest first."""
         rows = self._rows("SELECT id, job_id, at, step, from_state, to_state, detail FROM events"
                           " WHERE job_id = ? AND id > ? ORDER BY id", job_id, after)
-        return [Event(id=r["id"], job_id=r["job_id"], at=_when(r["at"]), step=r["step"],  # type: ignore[arg-type]
+        return [Event(id=r["id"], job_id=r["job_id"], at=as_utc(r["at"]), step=r["step"],  # type: ignore[arg-type]
                       from_state=r["from_state"], to_state=r["to_state"], detail=r["detail"]) for r in rows]
+
+    async def fetch(self, sql: str, params: dict[str, Any]) -> list[sqlite3.Row]:
+        """Rows of a query with ``:name`` parameters (``store.overview``'s plain SQL)."""
+        return self._query(sql, params)
 
     async def close(self) -> None:
         """Close the connection."""
@@ -167,7 +175,8 @@ def the_one(ref: str, ids: list[str]) -> str:
 # Rows to snapshots, from any driver's rows (stdlib sqlite3's, SQLAlchemy's, the writer's): the
 # one mapping, kept here because this module imports nothing heavy (store/ops.py uses it too).
 
-def _when(value: Any) -> datetime | None:
+def as_utc(value: Any) -> datetime | None:
+    """A timestamp as any driver returns it (SQLite's text, PostgreSQL's datetime), aware UTC."""
     if value is None:
         return None
     parsed = datetime.fromisoformat(value) if isinstance(value, str) else value
@@ -183,8 +192,8 @@ def step_from_row(s: Any) -> Step:
     return Step(
         name=StepName(s["name"]), state=StepState(s["state"]), resource_id=s["resource_id"],
         resource_status=s["resource_status"], request_name=s["request_name"], extra=_json(s["extra"]) or {},
-        attempts=s["attempts"], error=_json(s["error"]), started_at=_when(s["started_at"]),
-        updated_at=_when(s["updated_at"]), finished_at=_when(s["finished_at"]),
+        attempts=s["attempts"], error=_json(s["error"]), started_at=as_utc(s["started_at"]),
+        updated_at=as_utc(s["updated_at"]), finished_at=as_utc(s["finished_at"]),
     )
 
 
@@ -193,11 +202,11 @@ def job_from_row(row: Any, step_rows: Iterable[Any]) -> Job:
     return Job(
         id=row["id"], name=row["name"], state=JobState(row["state"]), spec=_json(row["spec"]),
         kind=JobKind(row["kind"]), parent_id=row["parent_id"],
-        cancel_requested_at=_when(row["cancel_requested_at"]), started_at=_when(row["started_at"]),
+        cancel_requested_at=as_utc(row["cancel_requested_at"]), started_at=as_utc(row["started_at"]),
         steps={StepName(s["name"]): step_from_row(s) for s in step_rows},
-        created_at=_when(row["created_at"]), updated_at=_when(row["updated_at"]),  # type: ignore[arg-type]
+        created_at=as_utc(row["created_at"]), updated_at=as_utc(row["updated_at"]),  # type: ignore[arg-type]
         spec_version=row["spec_version"], state_version=row["state_version"], error=_json(row["error"]),
         result=_json(row["result"]), lease_owner=row["lease_owner"],
-        lease_expires_at=_when(row["lease_expires_at"]), recoveries=row["recoveries"],
-        finished_at=_when(row["finished_at"]),
+        lease_expires_at=as_utc(row["lease_expires_at"]), recoveries=row["recoveries"],
+        finished_at=as_utc(row["finished_at"]),
     )

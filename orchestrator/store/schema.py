@@ -1,4 +1,5 @@
-"""Tables: jobs, steps and the append-only events log. Alembic migrations are made from this."""
+"""Tables: jobs, steps, the append-only events log, invocations and the daemon registry.
+Alembic migrations are made from this."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -82,6 +84,9 @@ jobs = Table(
     Column("finished_at", UTCDateTime),
     Index("ix_jobs_state_run_after", "state", "run_after"),
     Index("ix_jobs_lease_owner", "lease_owner"),
+    # A parent's teardowns are looked up by it (retry, prune), and deleting a job makes the
+    # database find the rows referring to it: without this index, each is a scan of every job.
+    Index("ix_jobs_parent_id", "parent_id"),
 )
 
 steps = Table(
@@ -132,4 +137,21 @@ invocations = Table(
     Column("duration_ms", Integer),
     Column("error", JSON),
     Index("ix_invocations_job_id_id", "job_id", "id"),
+)
+
+# One row per daemon process that ever started: `fabricflow status` reads it. A daemon inserts
+# its row at start, renews heartbeat_at in the same transaction as its jobs' leases, and sets
+# stopped_at on a clean stop; alive means a heartbeat within its own lease time.
+daemons = Table(
+    "daemons",
+    metadata,
+    Column("owner", String(64), primary_key=True),  # the lease_owner its jobs carry
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("version", String(64), nullable=False),  # fabricflow's, to see which still run an old one
+    Column("lease_seconds", Float, nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("heartbeat_at", UTCDateTime, nullable=False),
+    Column("stopped_at", UTCDateTime),
+    Column("jobs_held", Integer, nullable=False, default=0),  # leases renewed by the last heartbeat
 )

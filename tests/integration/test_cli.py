@@ -165,8 +165,10 @@ def test_global_options_before_the_command(tmp_path):
 
 def test_help_teaches(cli):
     top = CliRunner().invoke(main, ["--help"])
-    assert "fabricflow run examples/quickstart.yaml" in top.stdout
-    for command in ("run", "submit", "daemon", "list", "show", "events", "emulator"):
+    assert "fabricflow example quickstart > quickstart.yaml" in top.stdout
+    assert "fabricflow run quickstart.yaml" in top.stdout
+    for command in ("run", "submit", "plan", "daemon", "list", "show", "events", "status", "orphans",
+                    "emulator"):
         assert command in top.stdout
     assert "--fabric-url" in CliRunner().invoke(main, ["run", "--help"]).stdout
 

@@ -22,7 +22,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 # Run-time files outside the package directory, and where the wheel puts them.
-MAPPED = {"migrations": "orchestrator/_migrations", "config": "orchestrator/_config"}
+MAPPED = {"migrations": "orchestrator/_migrations", "config": "orchestrator/_config",
+          "examples": "orchestrator/_examples"}
 SKIP_DIRS = {".git", ".venv", "build", "dist", "__pycache__", ".pytest_cache", ".hypothesis",
              ".ruff_cache", ".mypy_cache"}
 
@@ -101,6 +102,7 @@ def test_wheel_carries_migrations_config_and_every_module(built, which):
     # pyproject.toml lists the subpackages by hand: a new one must be added there.
     missing = [f for f in _files(Path("orchestrator")) if f.endswith(".py") and f not in names]
     assert missing == []
+    assert "orchestrator/py.typed" in names  # PEP 561: type checkers read the package's annotations
     assert not any(n.startswith(("migrations/", "config/", "tests/")) for n in names)
 
 
@@ -136,3 +138,18 @@ def test_code_in_the_wheel_reads_the_wheels_own_files(built):
     out = _run(sys.executable, "-m", "orchestrator", "db", "upgrade", "--db",
                f"sqlite+aiosqlite:///{elsewhere / 'x.db'}", cwd=elsewhere, env=env)
     assert f"schema at {db.head_revision()} (current)" in out
+
+
+def test_the_wheel_prints_its_examples_from_any_directory(built):
+    """`fabricflow example quickstart` works from the installed wheel alone, anywhere."""
+    site = built["tmp"] / "site-examples"
+    zipfile.ZipFile(built["wheel"]).extractall(site)
+    elsewhere = built["tmp"] / "elsewhere-examples"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FABRICFLOW_", "PYTHON"))}
+    env["PYTHONPATH"] = str(site)
+    where = _run(sys.executable, "-c", "from orchestrator.examples import EXAMPLES_DIR; print(EXAMPLES_DIR)",
+                 cwd=elsewhere, env=env)
+    assert Path(where.strip()) == site / "orchestrator" / "_examples"
+    printed = _run(sys.executable, "-m", "orchestrator", "example", "quickstart", cwd=elsewhere, env=env)
+    assert printed == (ROOT / "examples" / "quickstart.yaml").read_text()

@@ -22,7 +22,7 @@ from orchestrator.spec import (
     parse_spec,
 )
 
-QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
+QUICKSTART = Path(__file__).resolve().parents[2] / "tests" / "data" / "quickstart-fixed.yaml"  # fixed names
 
 
 @pytest.fixture
