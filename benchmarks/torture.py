@@ -58,6 +58,21 @@ def main(argv: list[str] | None = None) -> int:
                              "daemon; a little more than jobs/daemons with several)")
     parser.add_argument("--max-recoveries", type=int, default=None,
                         help="the daemon's poison-job limit (default: the shipped setting)")
+    parser.add_argument("--late-create", type=rate, default=0.1,
+                        help="share of creates carried out --late-by seconds after their answer was lost")
+    parser.add_argument("--late-by", type=float, default=1.0,
+                        help="seconds a late create lands after its request (below the daemons' settle window, "
+                             "FABRICFLOW_RECONCILE__SETTLE_SECONDS=3 in tests/crash/procs.py)")
+    parser.add_argument("--list-lag", type=float, default=0.3, help="seconds new resources stay out of lists")
+    parser.add_argument("--page-churn", type=rate, default=0.5,
+                        help="share of later list pages before which another user's resource is deleted")
+    parser.add_argument("--bystanders", type=int, default=110,
+                        help="another user's workspaces named like the first job's (its look-ups span pages)")
+    parser.add_argument("--stops", type=int, default=0,
+                        help="with --daemons >= 2: SIGSTOP a daemon holding jobs for 1.5 leases, then SIGCONT, "
+                             "this many times")
+    parser.add_argument("--skew", type=float, default=0.0, metavar="SECONDS",
+                        help="with --daemons >= 2: the first daemon's clock this far off the database's")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep the SQLite database, specs and daemon logs here (default: a temporary "
                              "directory, removed unless an invariant is broken)")
@@ -70,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     backend = urlsplit(args.db).scheme.split("+")[0] if args.db else "sqlite"
     if backend not in ("sqlite", "postgresql", "postgres"):
         parser.error(f"--db {args.db!r}: use a sqlite+aiosqlite:///FILE or postgresql+asyncpg://USER@HOST/DB URL")
+    if (args.stops or args.skew) and args.daemons < 2:
+        parser.error("--stops and --skew need --daemons 2 or more (on PostgreSQL)")
     if args.daemons > 1 and backend == "sqlite":
         parser.error(f"--daemons {args.daemons} needs PostgreSQL: fabricflow runs one daemon per SQLite file; "
                      "pass --db postgresql+asyncpg://USER@HOST/DB (an empty database)")
@@ -81,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         ready_after=args.ready_after, instance_ready_after=args.instance_ready_after,
         finish_timeout=args.finish_timeout, max_recoveries=args.max_recoveries,
         db_url=args.db, daemons=args.daemons, concurrency=args.concurrency,
+        late_create=args.late_create, late_by=args.late_by, list_lag=args.list_lag, page_churn=args.page_churn,
+        bystanders=args.bystanders, stop_rounds=args.stops, skew_seconds=args.skew,
     )
     broken = bool(summary["violations"])
     if args.brief:

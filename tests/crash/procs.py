@@ -79,10 +79,11 @@ class Emulator:
 class Daemon:
     """``fabricflow daemon`` in its own process; its output goes to a log file."""
 
-    def __init__(self, db_url: str, fabric_url: str, log: Path, **env_extra: str) -> None:
+    def __init__(self, db_url: str, fabric_url: str, log: Path, *, command: list[str] | None = None,
+                 **env_extra: str) -> None:
         self.log_file = open(log, "a")  # noqa: SIM115 - closed in wait()/kill()
         self.proc = subprocess.Popen(
-            [*FABRICFLOW, "daemon", "--db", db_url, "--fabric-url", fabric_url],
+            [*(command or FABRICFLOW), "daemon", "--db", db_url, "--fabric-url", fabric_url],
             stdout=self.log_file, stderr=subprocess.STDOUT, env=env(**env_extra),
         )
 

@@ -35,6 +35,7 @@ import random
 import re
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -130,6 +131,23 @@ def write_specs(workdir: Path, jobs: int, seed: int) -> list[tuple[Path, dict[st
         path.write_text(yaml.safe_dump(data, sort_keys=False))
         specs.append((path, names))
     return specs
+
+
+def make_bystanders(base: str, prefix: str, count: int) -> frozenset[str]:
+    """``count`` workspaces of another user whose names contain ``prefix``: a fuzzy look-up of
+    that name then spans several pages, and page churn deletes some of them between pages. They
+    are made with every fault off, which is put back as it was afterwards."""
+    if count == 0:
+        return frozenset()
+    _, configured = http(f"{base}/_emulator/faults")
+    knobs = ("fail_rate", "drop_rate", "slow_rate", "cut_rate", "late_create", "page_churn", "list_lag")
+    http(f"{base}/_emulator/faults", method="POST", body=dict.fromkeys(knobs, 0))
+    names = [f"{prefix}-by{k}" for k in range(count)]
+    for name in names:
+        status, body = http(f"{base}/v1/workspaces", method="POST", body={"name": name})
+        assert status == 200, (status, body)
+    http(f"{base}/_emulator/faults", method="POST", body={k: configured[k] for k in knobs})
+    return frozenset(names)
 
 
 def submit_all(db_url: str, specs: list[Path], *, parallel: int = 3) -> list[str]:
@@ -283,6 +301,32 @@ def wait_started(fleet: list[Daemon], logs: list[Path], deadline: Deadline) -> N
                for d, log in zip(fleet, logs, strict=True)):
             return
         time.sleep(0.02)
+
+
+def stop_round(rng: random.Random, db: Reader, fleet: list[Daemon], fleet_logs: list[Path]) -> dict[str, Any]:
+    """Freeze one daemon holding RUNNING jobs (seeded choice) with SIGSTOP for 1.5 leases, so the
+    others take its jobs over, then SIGCONT it: its runners wake up believing they still hold
+    those jobs, and fencing must keep them from creating or recording anything."""
+    owners = {log_owner(log): n for n, log in enumerate(fleet_logs)}
+    held = [r[0] for r in db.query("SELECT DISTINCT lease_owner FROM jobs WHERE state = 'RUNNING'")]
+    candidates = sorted(owners[o] for o in held if o in owners) or list(range(len(fleet)))
+    victim = rng.choice(candidates)
+    holding = int(db.scalar(f"SELECT COUNT(*) FROM jobs WHERE state = 'RUNNING' AND lease_owner = "
+                            f"'{log_owner(fleet_logs[victim])}'"))
+    fleet[victim].proc.send_signal(signal.SIGSTOP)
+    time.sleep(LEASE_SECONDS * 1.5)
+    fleet[victim].proc.send_signal(signal.SIGCONT)
+    return {"daemon": victim, "held_running_jobs": holding, "frozen_seconds": LEASE_SECONDS * 1.5}
+
+
+def db_scalar_takeovers(url: str, owners: set[str]) -> int:
+    """Recovery (takeover) events recorded by ``owners``: jobs they took from another daemon."""
+    db = Reader(url)
+    try:
+        rows = db.query("SELECT detail FROM events WHERE detail LIKE 'recovered by %'")
+        return sum(1 for (detail,) in rows if any((detail or "").startswith(f"recovered by {o} ") for o in owners))
+    finally:
+        db.close()
 
 
 def kill_round(rng: random.Random, db: Reader, fleet: list[Daemon], fleet_logs: list[Path],
@@ -445,25 +489,32 @@ def engine_observations(db: Reader, logs: list[Path]) -> dict[str, int]:
     return dict(sorted(count.items()))
 
 
-def daemon_log_problems(logs: list[Path]) -> list[str]:
-    """Error-level lines and tracebacks in the daemons' logs."""
+def daemon_log_problems(logs: list[Path], expected: frozenset[str] = frozenset()) -> list[str]:
+    """Error-level lines and tracebacks in the daemons' logs (but ``expected`` events)."""
     problems = []
     for path in logs:
         if not path.exists():
             continue
         for line in path.read_text(errors="replace").splitlines():
+            if any(f'"event": "{event}"' in line for event in expected):
+                continue
             if "Traceback" in line or '"level": "error"' in line or "job_crashed" in line:
                 problems.append(f"{path.name}: {line[:400]}")
     return problems
 
 
 def gather(db: Reader, emulator: Emulator, jobs_submitted: list[str],
-           names: dict[str, dict[str, str]], logs: list[Path]) -> dict[str, Any]:
-    """Figures and invariant checks after the run (faults are switched off first)."""
+           names: dict[str, dict[str, str]], logs: list[Path],
+           bystanders: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Figures and invariant checks after the run (faults are switched off first).
+    ``bystanders``: workspace names another user made; they are nobody's to record."""
     base = emulator.url
-    stats = emulator.stats()
     http(f"{base}/_emulator/faults", method="POST",
-         body={"fail_rate": 0, "drop_rate": 0, "slow_rate": 0, "cut_rate": 0})
+         body={"fail_rate": 0, "drop_rate": 0, "slow_rate": 0, "cut_rate": 0, "late_create": 0,
+               "page_churn": 0, "list_lag": 0})
+    stats = emulator.stats()
+    stats["created"]["workspace"] = {n: c for n, c in stats["created"].get("workspace", {}).items()
+                                     if n not in bystanders}
 
     job_rows = {row[0]: row for row in db.query("SELECT id, name, state, error FROM jobs")}
     step_rows: dict[str, dict[str, tuple[Any, ...]]] = defaultdict(dict)
@@ -534,6 +585,7 @@ def gather(db: Reader, emulator: Emulator, jobs_submitted: list[str],
             violations += _check_wiring(base, job_id, steps)
     violations += missing_resources
     live = live_resources(base)
+    live["workspace"] = {rid: name for rid, name in live["workspace"].items() if name not in bystanders}
     intents = {(STEP_KIND[n], r[5]): (job_id, n) for job_id, steps in step_rows.items()
                for n, r in steps.items() if r[2] == StepState.IN_FLIGHT.value and r[5]}
     orphans = []
@@ -571,6 +623,8 @@ def gather(db: Reader, emulator: Emulator, jobs_submitted: list[str],
         "created": {kind: sum(stats["created"].get(kind, {}).values()) for kind in KINDS},
         "live": stats["live"],
         "requests": stats["requests"],
+        "cloud_faults": {"late_created": stats.get("late_created", 0), "late_pending": stats.get("late_pending", 0),
+                         "churn_deleted": stats.get("churn_deleted", 0), "bystanders": len(bystanders)},
         "events": sum(len(e) for e in events.values()),
         "engine_saw": engine_observations(db, logs),
         "violations": violations,
@@ -679,6 +733,13 @@ def run_torture(
     db_url: str | None = None,
     daemons: int = 1,
     concurrency: int | None = None,
+    late_create: float = 0.0,
+    late_by: float = 1.0,
+    list_lag: float = 0.0,
+    page_churn: float = 0.0,
+    bystanders: int = 0,
+    stop_rounds: int = 0,
+    skew_seconds: float = 0.0,
 ) -> dict[str, Any]:
     """Run the torture scenario in ``workdir`` and return its JSON-able summary.
 
@@ -690,6 +751,19 @@ def run_torture(
     ``finish_timeout`` bounds the last phase; with several daemons it is extended by two lease
     periods, the time the last victim's jobs wait to be taken over.
 
+    What a real cloud does on top (issue 9): ``late_create`` (share of creates carried out
+    ``late_by`` seconds after their connection was dropped; the daemons' settle window,
+    FABRICFLOW_RECONCILE__SETTLE_SECONDS in procs.env, must be longer), ``list_lag`` (seconds new
+    resources stay out of lists) and ``page_churn`` (share of later list pages before which another
+    user's resource of an earlier page is deleted). ``bystanders`` such workspaces, named after the
+    first job's workspace so that its fuzzy look-ups span several pages, are created first.
+
+    With several daemons on PostgreSQL: ``stop_rounds`` times after the kills, one daemon holding
+    jobs is frozen with SIGSTOP for 1.5 leases (the others take its jobs over) and then let go on
+    with SIGCONT, its runners still believing they hold those jobs; and ``skew_seconds`` sets the
+    store clock of the first daemon that far off the database's (``tests/torture/skewed.py``): it
+    must say ``clock_skew`` and take no job over.
+
     ``summary["violations"]`` is empty when every invariant holds. Every child process is
     stopped before this returns, whatever happens.
     """
@@ -700,6 +774,9 @@ def run_torture(
     rng = random.Random(seed)
     url = db_url or f"sqlite+aiosqlite:///{workdir / 'jobs.db'}"
     db = Reader(url)
+    if (stop_rounds or skew_seconds) and daemons < 2:
+        db.close()
+        raise ValueError("stop_rounds and skew_seconds need several daemons (on PostgreSQL)")
     if daemons > 1 and db.is_sqlite:
         db.close()
         raise ValueError(f"{daemons} daemons need PostgreSQL: fabricflow allows one daemon per SQLite "
@@ -721,11 +798,14 @@ def run_torture(
         emulator = Emulator(
             "--ready-after", str(ready_after), "--instance-ready-after", str(instance_ready_after),
             "--fail-rate", str(fail_rate), "--drop-rate", str(drop_rate), "--slow-rate", str(slow_rate),
-            "--cut-rate", str(cut_rate), "--seed", str(seed), log=workdir / "emulator.log",
+            "--cut-rate", str(cut_rate), "--late-create", str(late_create), "--late-by", str(late_by),
+            "--list-lag", str(list_lag), "--page-churn", str(page_churn),
+            "--seed", str(seed), log=workdir / "emulator.log",
         )
         assert urllib.parse.urlsplit(emulator.url).hostname in ("127.0.0.1", "::1", "localhost")
         _, faults_configured = http(f"{emulator.url}/_emulator/faults")
         specs = write_specs(workdir, jobs, seed)
+        bystander_names = make_bystanders(emulator.url, job_names(1, seed)["workspace"], bystanders)
         cli("db", "upgrade", "--db", url)
         already = int(db.scalar("SELECT COUNT(*) FROM jobs"))
         if already:
@@ -739,6 +819,9 @@ def run_torture(
             log = workdir / f"daemon-{len(logs) + 1:02d}.log"
             logs.append(log)
             slots[log] = slot
+            if slot == 0 and skew_seconds:
+                skewed = [sys.executable, "-m", "tests.torture.skewed", str(skew_seconds)]
+                return Daemon(url, emulator.url, log, command=skewed, **daemon_env)
             return Daemon(url, emulator.url, log, **daemon_env)
 
         for slot in range(daemons):
@@ -751,6 +834,7 @@ def run_torture(
             fleet[slot] = start_daemon(slot)
             fleet_logs[slot] = logs[-1]
 
+        stops = [stop_round(rng, db, fleet, fleet_logs) for _ in range(stop_rounds)]
         # Several daemons on PostgreSQL: the last victim's jobs wait for their leases to lapse.
         deadline = Deadline(finish_timeout + (0.0 if db.is_sqlite else 2 * LEASE_SECONDS))
         # Signal handlers are installed once a daemon says daemon_started; a SIGTERM during
@@ -764,7 +848,7 @@ def run_torture(
         stopping, fleet = fleet, []
         exit_codes = stop_fleet(stopping)
 
-        figures = gather(db, emulator, job_ids, names, logs)
+        figures = gather(db, emulator, job_ids, names, logs, bystander_names)
         figures["takeovers"] = takeovers(db, logs, slots)
     finally:
         for daemon in fleet:
@@ -784,7 +868,15 @@ def run_torture(
         if code != 0:
             violations.append(f"the daemon of {log.name} exited {'without stopping' if code is None else code} "
                               "after SIGTERM (expected 0)")
-    log_problems = daemon_log_problems(logs)
+    skewed_logs = [log for log in logs if slots[log] == 0] if skew_seconds else []
+    skew_said = sum(log.read_text(errors="replace").count('"event": "clock_skew"') for log in skewed_logs)
+    if skew_seconds and skew_said == 0:
+        violations.append(f"the daemon with its clock {skew_seconds:g}s off never logged clock_skew")
+    skewed_owners = {o for log in skewed_logs if (o := log_owner(log))}
+    skewed_takeovers = int(db_scalar_takeovers(url, skewed_owners)) if skewed_owners else 0
+    if skewed_takeovers:
+        violations.append(f"the daemon with its clock off took {skewed_takeovers} job(s) over")
+    log_problems = daemon_log_problems(logs, frozenset({"clock_skew"}) if skew_seconds else frozenset())
     violations += [f"daemon log: {p}" for p in log_problems]
     return {
         "jobs": jobs,
@@ -801,7 +893,8 @@ def run_torture(
         "kills_with_creates_in_flight": sum(1 for k in kills if k["creates_in_flight"]),
         "kills_between_create_and_commit": sum(1 for k in kills if k["creates_landed_not_committed"]),
         "faults": {
-            "configured": {k: v for k, v in (faults_configured or {}).items() if k.endswith("_rate")},
+            "configured": {k: v for k, v in (faults_configured or {}).items()
+                           if k.endswith("_rate") or k in ("late_create", "late_by", "list_lag", "page_churn")},
             "seed": seed,
             "requests": figures.pop("requests"),
             "seen_by_engine": figures.pop("engine_saw"),
@@ -818,6 +911,8 @@ def run_torture(
         "daemon_exit_codes": exit_codes,
         "seconds_to_finish_after_submit": finished_in,
         "seconds": round(time.monotonic() - started, 2),
+        "stops": stops,
+        "clock_skew": {"seconds": skew_seconds, "clock_skew_lines": skew_said, "takeovers": skewed_takeovers},
         "kill_log": kills,
         "violations": violations,
     }
