@@ -42,14 +42,21 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self, TypeAlias, cast
 from urllib.parse import quote
 
 from orchestrator.domain import Event, Invocation, Job
-from orchestrator.errors import DatabaseError, FabricError, JobFailedError, UserError
+from orchestrator.errors import (
+    DatabaseError,
+    FabricError,
+    JobFailedError,
+    NotFoundError,
+    UserError,
+)
 from orchestrator.machine import JobKind, JobState, StepName, StepState
-from orchestrator.submission import SpecSource, specs_for
+from orchestrator.submission import Prepared, SpecSource, specs_for
 
 # SQLAlchemy, aiohttp, pydantic, the engine and the emulator are imported where they are used:
 # importing this module stays cheap, so that quick commands (list, show) can go through it.
@@ -57,12 +64,15 @@ if TYPE_CHECKING:
     from orchestrator.config import Settings
     from orchestrator.engine.runner import Observer
     from orchestrator.fabric.client import FabricClient
+    from orchestrator.orphans import DeleteEvent, Deletion, Orphan
+    from orchestrator.plan import Plan
     from orchestrator.spec import JobSpec
     from orchestrator.store.jobs import JobStore
+    from orchestrator.store.overview import Overview
     from orchestrator.store.readonly import ReadOnlyStore
     from orchestrator.wiring import Target
 
-__all__ = ["Cancellation", "Fabricflow", "JobRef", "SpecSource", "connect"]
+__all__ = ["Cancellation", "Fabricflow", "JobRef", "Prepared", "SpecSource", "connect"]
 
 
 JobRef: TypeAlias = "str | Job"
@@ -70,6 +80,9 @@ JobRef: TypeAlias = "str | Job"
 
 #: How often ``wait`` and ``events(follow=True)`` read the database, in seconds (as the CLI does).
 POLL_SECONDS = 0.5
+
+#: Jobs ``prune`` removes per transaction: a prune of months never holds the write lock for long.
+PRUNE_BATCH = 500
 
 #: Job IDs are this many hexadecimal digits (uuid4().hex); a longer "prefix" is no job's.
 JOB_ID_LENGTH = 32
@@ -106,6 +119,7 @@ class Fabricflow:
         self._fabric_stack = contextlib.AsyncExitStack()
         self._fabric_lock = asyncio.Lock()
         self._closed = False
+        self._announce = False
 
     @classmethod
     async def open(
@@ -146,6 +160,20 @@ class Fabricflow:
             fabric_url=fabric_url, fabric_ep_url=fabric_ep_url, region=region, **overrides)
         store = await (_open_reader(settings.db) if read_only else _open_store(settings.db, create=create))
         return cls(settings, store, writable=not read_only)
+
+    @classmethod
+    async def from_settings(cls, settings: Settings, *, create: bool = True, read_only: bool = False,
+                            announce: bool = False) -> Fabricflow:
+        """Open the job database of ``settings`` already loaded (``orchestrator.config.load_settings``).
+
+        ``create`` and ``read_only`` as for ``open``. ``announce=True`` prints one line on stderr
+        when the embedded emulator starts (where it listens), as the command line does. Only
+        ``settings.db`` is read until something needs Fabric.
+        """
+        store = await (_open_reader(settings.db) if read_only else _open_store(settings.db, create=create))
+        flow = cls(settings, store, writable=not read_only)
+        flow._announce = announce
+        return flow
 
     async def close(self) -> None:
         """Stop the embedded emulator (if it runs), close the Fabric client and the database."""
@@ -196,22 +224,25 @@ class Fabricflow:
         with self._database_errors():
             return await self._store.get(job_id)
 
-    async def submit_many(self, specs: Iterable[SpecSource], *, count: int = 1) -> list[str]:
+    async def submit_many(self, specs: Iterable[SpecSource] | Prepared, *, count: int = 1) -> list[str]:
         """Validate specs and enqueue ``count`` copies of each in one transaction; their IDs in order.
 
         ``{index}`` in a spec's strings becomes the job's number in this call (0, 1, 2, ...,
         counting on across the specs in order) and ``{job}`` its ID's first 8 digits; with
         ``count`` above 1 a spec whose resource names have neither is refused. Every copy is
-        checked before anything is written: all jobs are submitted, or (UserError) none.
+        checked before anything is written: all jobs are submitted, or (UserError) none. Specs
+        already ``Prepared`` are submitted as they are, under their IDs (``count`` must be 1).
         """
         store = self._job_store()
-        job_ids, parsed = specs_for(list(specs), count=count)
+        job_ids, parsed = _prepared(specs, count=count)
         await self._check_reused(parsed)
         with self._database_errors():
             return await store.submit_many(parsed, ids=job_ids)
 
-    async def run(self, spec: SpecSource, *, observer: Observer | None = None,
-                  stop: asyncio.Event | None = None, check: bool = False) -> Job:
+    async def run(self, spec: SpecSource | Prepared, *, observer: Observer | None = None,
+                  stop: asyncio.Event | None = None, check: bool = False,
+                  on_submitted: Callable[[Job], None] | None = None,
+                  on_stopped: Callable[[Job], None] | None = None) -> Job:
         """Submit a spec and execute it here, as ``fabricflow run`` does; returns the final job.
 
         ``observer`` sees each step transition (``on_step``) and each piece of the streamed reply
@@ -219,20 +250,28 @@ class Fabricflow:
         its next safe point (never between a create and the recording of its result): it is left
         PENDING for a daemon, or CANCELLED on the embedded emulator, whose resources end with
         this ``Fabricflow``. A stopped call returns the job; a cancelled one raises CancelledError.
-        ``check=True`` raises JobFailedError unless the job SUCCEEDED.
+        ``check=True`` raises JobFailedError unless the job SUCCEEDED. ``on_submitted`` sees the
+        job once it is committed, before it runs; ``on_stopped`` the job as a stop (or its runner
+        handing it back) left it before it ended: PENDING, or CANCELLED on the embedded emulator.
+        ``spec`` may be one spec ``Prepared`` already (then it keeps its ID).
         """
         from orchestrator.engine.daemon import heartbeat, new_owner
         from orchestrator.engine.procedure import check_reused
         from orchestrator.engine.runner import EngineSettings, Runner
 
         store = self._job_store()
-        (job_id,), (parsed,) = specs_for([spec], count=1)
+        job_ids, specs = _prepared(spec if isinstance(spec, Prepared) else [spec], count=1)
+        if len(job_ids) != 1:
+            raise UserError(f"run takes one spec, not {len(job_ids)}")
+        (job_id,), (parsed,) = job_ids, specs
         target, client = await self._client()
         with self._database_errors():
             await check_reused(client, parsed)  # a missing reused resource: nothing is written
             owner = new_owner()
             job = await store.submit(parsed, owner=owner, lease=self._settings.daemon.lease_seconds,
                                      job_id=job_id)
+            if on_submitted is not None:
+                on_submitted(job)
             runner = Runner(store, client, owner=owner, settings=EngineSettings.from_settings(self._settings),
                             observer=observer)
             async with heartbeat(store, runner, self._settings.daemon):
@@ -243,20 +282,25 @@ class Fabricflow:
                 except asyncio.CancelledError:
                     runner.stop.set()
                     state = await task  # to the safe point
-                    await self._after_stop(job.id, state, target)
+                    await self._after_stop(job.id, state, target, None)
                     raise
                 finally:
                     if relay is not None:
                         relay.cancel()
-            await self._after_stop(job.id, state, target)
+            await self._after_stop(job.id, state, target, on_stopped)
             final = await store.get(job.id)
         if check and final.state is not JobState.SUCCEEDED:
             raise JobFailedError(final)
         return final
 
-    async def _after_stop(self, job_id: str, state: JobState, target: Target) -> None:
-        if state is JobState.PENDING and target.embedded:
+    async def _after_stop(self, job_id: str, state: JobState, target: Target,
+                          on_stopped: Callable[[Job], None] | None) -> None:
+        if state is not JobState.PENDING:
+            return
+        if target.embedded:
             await self._job_store().cancel(job_id)  # nothing could finish it once the emulator is gone
+        if on_stopped is not None:
+            on_stopped(await self._store.get(job_id))
 
     async def wait(self, job: JobRef, *, check: bool = False) -> Job:
         """Wait until the job has ended (SUCCEEDED, FAILED or CANCELLED); returns it.
@@ -389,6 +433,14 @@ class Fabricflow:
             _target, client = await self._client()
             return await _invoke_once(store, target_job, client, {"messages": messages, **options}, on_text)
 
+    async def invocable(self, job: JobRef) -> Job:
+        """The job, if ``invoke`` can talk to it: a create job whose service instance is RUNNING.
+
+        UserError otherwise (a teardown job, or one whose service_ready step has not succeeded).
+        """
+        with self._database_errors():
+            return await _target_of(self._store, await self._resolve(job))
+
     # --- the daemon ---------------------------------------------------------------------------
 
     async def serve(
@@ -400,6 +452,7 @@ class Fabricflow:
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
         on_metrics_ready: Callable[[str], None] | None = None,
+        on_started: Callable[[str], None] | None = None,
     ) -> None:
         """Run submitted jobs in this event loop, as ``fabricflow daemon`` does, until stopped.
 
@@ -410,6 +463,7 @@ class Fabricflow:
         jobs. On SQLite one daemon owns a file (UserError for a second) and resumes at start-up
         every job a crashed daemon left RUNNING. ``metrics_port`` serves ``/healthz`` and
         ``/metrics`` on ``metrics_host`` (0: a free port, told to ``on_metrics_ready(url)``).
+        ``on_started`` is told the daemon's owner ID (as ``fabricflow status`` lists it) as it starts.
         """
         from orchestrator.engine.daemon import Daemon, new_owner
         from orchestrator.engine.health import DaemonMetrics
@@ -428,6 +482,8 @@ class Fabricflow:
         daemon = Daemon(store, runner, daemon_settings, url=self._settings.db, metrics=metrics,
                         metrics_address=None if metrics_port is None else (metrics_host, metrics_port),
                         on_metrics_ready=on_metrics_ready)
+        if on_started is not None:
+            on_started(runner.owner)
         with self._database_errors(), _signals_restored():
             task = asyncio.ensure_future(daemon.run(ready=ready))
             relay = asyncio.ensure_future(_relay(stop, daemon.stop)) if stop is not None else None
@@ -440,6 +496,110 @@ class Fabricflow:
             finally:
                 if relay is not None:
                     relay.cancel()
+
+    async def states(self, jobs: Iterable[JobRef]) -> dict[str, JobState]:
+        """The current state of each job, by full ID, read in a few queries rather than one per
+        job (a job given as a prefix is resolved first). A job no longer in the database is absent."""
+        with self._database_errors():
+            ids: list[str] = []
+            for job in jobs:
+                full = isinstance(job, str) and len(job) == JOB_ID_LENGTH
+                ids.append(job if isinstance(job, str) and full else await self._resolve(job))
+            if not self._writable:
+                found: dict[str, JobState] = {}
+                for job_id in ids:
+                    with contextlib.suppress(NotFoundError):
+                        found[job_id] = (await self._store.get(job_id)).state
+                return found
+            return await _states(self._job_store(), ids)
+
+    # --- operating -----------------------------------------------------------------------------
+
+    async def overview(self, *, limit: int = 5) -> Overview:
+        """One look at how fabricflow is doing (``fabricflow status``): the daemons, how many jobs
+        are in each state, the ``limit`` oldest running jobs and the ``limit`` latest failures."""
+        from orchestrator.store.overview import read_overview
+        from orchestrator.store.readonly import ReadOnlyStore
+
+        store = self._store
+        with self._database_errors():
+            # SQLite: the one daemon of a file writes with this machine's clock.
+            if isinstance(store, ReadOnlyStore):
+                return await read_overview(store.fetch, limit=limit, now=datetime.now(UTC))
+            from sqlalchemy import text
+
+            local = store.engine.dialect.name == "sqlite"
+            async with store.engine.connect() as conn:
+                async def fetch(sql: str, params: dict[str, Any]) -> list[Any]:
+                    return list((await conn.execute(text(sql), params)).mappings())
+
+                return await read_overview(fetch, limit=limit, now=datetime.now(UTC) if local else None)
+
+    async def find_orphans(self, *, recheck: bool = False,
+                           on_start: Callable[[str], None] | None = None) -> list[Orphan]:
+        """Resources on Fabric carrying a fabricflow marker that no job in this database records
+        (``fabricflow orphans``); those never to be deleted come too, marked ``skipped``.
+
+        It looks through every workspace and what each holds; ``on_start`` is told Fabric's URL as
+        the look begins. ``recheck=True`` judges what was found again against the jobs as they are
+        afterwards (do so just before deleting). Reads only, on Fabric and in the database.
+        """
+        from orchestrator.orphans import find_orphans, read_records
+        from orchestrator.orphans import recheck as judge
+
+        store = self._job_store()
+        with self._database_errors():
+            target, client = await self._client()
+            if on_start is not None:
+                on_start(target.fabric_url)
+            found = await find_orphans(client, lambda: read_records(store))
+            return judge(found, await read_records(store)) if recheck else found
+
+    async def delete_orphans(self, orphans: Sequence[Orphan], *, timeout: float | None = None,
+                             on_event: Callable[[DeleteEvent], None] | None = None) -> list[Deletion]:
+        """Delete the orphans not skipped: service instances first, then models and endpoints,
+        then empty workspaces, each waited until gone (at most ``timeout`` seconds, 30 minutes by
+        default). ``on_event`` sees each deletion, failure and progress note. A failure is in its
+        ``Deletion.error``, and the rest carry on."""
+        from orchestrator.orphans import DeleteSettings, delete_orphans
+
+        _target, client = await self._client()
+        retry = self._settings.retry
+        return await delete_orphans(client, list(orphans), on_event or (lambda _event: None), DeleteSettings(
+            timeout=timeout or DeleteSettings().timeout, poll_initial=self._settings.poll.initial,
+            poll_max=self._settings.poll.max, attempts=retry.max_attempts, backoff_base=retry.backoff_base,
+            backoff_cap=retry.backoff_cap))
+
+    async def prune(self, *, older_than: timedelta, dry_run: bool = False,
+                    with_resources: bool = False) -> dict[str, Any]:
+        """Remove (``dry_run``: count) the rows of jobs that ended longer ago than ``older_than``,
+        with their steps, events and invocations, and old daemons' registry rows (``db prune``).
+
+        Kept: unfinished jobs, jobs a younger teardown refers to and, unless ``with_resources``,
+        jobs whose resources were never torn down. Returns ``{dry_run, before, jobs: [IDs], rows:
+        {table: N}, daemons: N, kept: {for_teardown: [IDs], with_resources: [IDs]}}``; each batch of
+        PRUNE_BATCH jobs is one transaction.
+        """
+        from orchestrator.store import ops
+
+        store = self._job_store()
+        with self._database_errors():
+            at = store.clock()
+            before = at - older_than
+            plan = await store.writer.run(ops.prune_plan(before=before, at=at, with_resources=with_resources))
+            removed, rows, daemons = plan.job_ids, dict(plan.rows), len(plan.daemons)
+            if not dry_run:
+                removed, rows = [], dict.fromkeys(rows, 0)
+                for start in range(0, len(plan.job_ids), PRUNE_BATCH):
+                    ids, counts = await store.writer.run(
+                        ops.prune_jobs(plan.job_ids[start:start + PRUNE_BATCH], before=before,
+                                       with_resources=with_resources))
+                    removed += ids
+                    rows = {table: rows[table] + counts[table] for table in rows}
+                daemons = await store.writer.run(ops.prune_daemons(plan.daemons, before=before))
+            return {"dry_run": dry_run, "before": before.isoformat(), "jobs": removed, "rows": rows,
+                    "daemons": daemons, "kept": {"for_teardown": plan.kept_for_teardown,
+                                                 "with_resources": plan.kept_with_resources}}
 
     # --- listing (last: the method named ``list`` would shadow the type in later annotations) ---
 
@@ -482,7 +642,8 @@ class Fabricflow:
             if self._fabric is None:
                 from orchestrator.wiring import client_for, fabric_target
 
-                target = await self._fabric_stack.enter_async_context(fabric_target(self._settings, announce=False))
+                target = await self._fabric_stack.enter_async_context(
+                    fabric_target(self._settings, announce=self._announce))
                 client = await self._fabric_stack.enter_async_context(client_for(self._settings, target))
                 self._fabric = (target, client)
             return self._fabric
@@ -540,10 +701,33 @@ async def connect(
         await ff.close()
 
 
+def _prepared(specs: Iterable[SpecSource] | Prepared, *, count: int) -> tuple[list[str], list[JobSpec]]:
+    """Job IDs and validated specs: ``Prepared`` ones as they are, others read and validated."""
+    if isinstance(specs, Prepared):
+        if count != 1:
+            raise UserError(f"count must be 1 for specs already prepared, got {count}")
+        return list(specs.job_ids), list(specs.specs)
+    return specs_for(list(specs), count=count)
+
+
+async def _states(store: JobStore, ids: list[str]) -> dict[str, JobState]:
+    """The current state of each job, read 500 at a time (within every database's parameter limit)."""
+    from sqlalchemy import select
+
+    from orchestrator.store.schema import jobs
+
+    found: dict[str, JobState] = {}
+    async with store.engine.connect() as conn:
+        for start in range(0, len(ids), 500):
+            query = select(jobs.c.id, jobs.c.state).where(jobs.c.id.in_(ids[start:start + 500]))
+            found.update((job_id, JobState(state)) for job_id, state in await conn.execute(query))
+    return found
+
+
 # --- invocations -----------------------------------------------------------------------------
 
 
-async def _target_of(store: JobStore, job_id: str) -> Job:
+async def _target_of(store: JobStore | ReadOnlyStore, job_id: str) -> Job:
     """The job whose service instance to invoke; UserError unless it has a RUNNING one."""
     job = await store.get(job_id)
     if job.kind is not JobKind.CREATE:
@@ -592,6 +776,49 @@ def _db_url(db: str | os.PathLike[str]) -> str:
         return text
     # Quoted: SQLAlchemy decodes %XX in SQLite file names, so '%', '?' and '#' in a path survive.
     return "sqlite+aiosqlite:///" + quote(str(Path(text).expanduser().absolute()), safe="/")
+
+
+async def plan_spec(spec: JobSpec, *, settings: Settings,
+                    templated: Mapping[str, str] | None = None) -> tuple[Plan, str]:
+    """What ``run`` would do with ``spec`` against the Fabric of ``settings`` (``fabricflow plan``):
+    only reads are sent, and no database is opened. Returns the plan and where it was checked:
+    ``embedded``, or Fabric's URL. ``templated``: names as written, for parts whose name holds ``{job}``."""
+    from orchestrator.plan import make_plan
+    from orchestrator.wiring import client_for, fabric_target
+
+    async with fabric_target(settings, announce=False) as target, client_for(settings, target) as client:
+        made = await make_plan(client, spec, templated=templated)
+    return made, "embedded" if target.embedded else target.fabric_url
+
+
+async def upgrade_database(url: str) -> str:
+    """Apply every pending migration to the database at ``url`` (creating a SQLite file if
+    needed); returns the schema revision it is now at (``fabricflow db upgrade``)."""
+    from orchestrator.store import db
+    from orchestrator.store.jobs import JobStore
+
+    store = await JobStore.open(url, auto_upgrade=True)
+    await store.close()
+    return db.head_revision()
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a plain ``sqlite[+aiosqlite]:///FILE`` URL, as the read-only path
+    opens it; None for any other URL."""
+    from orchestrator.store import readonly
+
+    return readonly.sqlite_file(url)
+
+
+def describe_database(url: str) -> str:
+    """The database of a URL as a user recognises it: the SQLite file, or the URL without its password."""
+    return _describe(url)
+
+
+def database_problem(exc: BaseException) -> str | None:
+    """One line a user can act on when ``exc`` is the database failing (locked, read-only, disk
+    full), without SQL or parameters; None for any other exception."""
+    return _database_problem(exc) if isinstance(exc, Exception) else None
 
 
 def _describe(url: str) -> str:

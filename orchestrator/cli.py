@@ -14,29 +14,37 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from orchestrator import cli_admin, cli_lifecycle, cli_ops, cli_orphans, cli_reading
+from orchestrator import (
+    cli_admin,
+    cli_lifecycle,
+    cli_ops,
+    cli_orphans,
+    cli_reading,
+    cli_ui,
+)
 from orchestrator.cli_common import (
     EXIT_FAILED,
     Group,
     emit_json,
     follow,
     global_options,
-    open_store,
+    open_flow,
     run_async,
     settings_from,
 )
 from orchestrator.errors import NotFoundError, UserError
 
 if TYPE_CHECKING:
+    from orchestrator.api import Fabricflow
     from orchestrator.config import Settings
     from orchestrator.domain import Job
-    from orchestrator.machine import JobState
     from orchestrator.render import ProgressPrinter
     from orchestrator.spec import JobSpec
-    from orchestrator.store.jobs import JobStore
+    from orchestrator.submission import Prepared
 
-# The engine, the Fabric client, aiohttp, SQLAlchemy and the spec models are imported inside
-# the commands that use them, so that --help, --version, list, show and events start quickly.
+# Every command goes through the Python API (orchestrator.api), imported inside the commands
+# with the spec models, so that --help, --version, list, show and events start quickly. No
+# command reaches into the engine, the store or the emulator itself (tests/unit/test_cli_layers.py).
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -62,7 +70,7 @@ def main() -> None:
     """
 
 
-for _module in (cli_reading, cli_lifecycle, cli_admin, cli_ops, cli_orphans):
+for _module in (cli_reading, cli_lifecycle, cli_admin, cli_ops, cli_orphans, cli_ui):
     for _command in _module.COMMANDS:
         main.add_command(_command)
 
@@ -88,12 +96,13 @@ def run(ctx: click.Context, spec_file: str, as_json: bool) -> None:
     from orchestrator.machine import JobState
     from orchestrator.render import ProgressPrinter
     from orchestrator.spec import load_spec
+    from orchestrator.submission import Prepared
 
     printer = ProgressPrinter()
     settings = settings_from(ctx, log_lines=printer.line)
     (job_id,) = new_job_ids(1)
     spec = load_spec(spec_file, job_id=job_id)  # {job} in its strings becomes the ID's first 8 digits
-    job, stopped_by = run_async(_run(settings, spec, printer, job_id=job_id))
+    job, stopped_by = run_async(_run(settings, Prepared([job_id], [spec]), printer))
     if as_json:
         emit_json(job.as_json())
     if stopped_by is not None:
@@ -102,61 +111,52 @@ def run(ctx: click.Context, spec_file: str, as_json: bool) -> None:
         ctx.exit(EXIT_FAILED)
 
 
-async def _run(settings: Settings, spec: JobSpec, printer: ProgressPrinter, *,
-               job_id: str) -> tuple[Job, int | None]:
-    """Run the job (ID ``job_id``) here; the final job, and the signal that stopped it early, if one did."""
+async def _run(settings: Settings, spec: Prepared, printer: ProgressPrinter) -> tuple[Job, int | None]:
+    """Run the job (the one ``spec`` holds) here; the final job, and the signal that stopped it
+    early, if one did."""
     import asyncio
 
-    from orchestrator.engine.daemon import heartbeat, new_owner
-    from orchestrator.engine.procedure import check_reused
-    from orchestrator.engine.runner import EngineSettings, Runner
-    from orchestrator.machine import JobState
-    from orchestrator.store import db
-    from orchestrator.wiring import client_for, fabric_target
-
-    store = await open_store(settings, create=True)
+    flow = await open_flow(settings, create=True)
     try:
-        async with fabric_target(settings) as target, client_for(settings, target) as client:
-            await check_reused(client, spec)  # a missing reused resource: nothing is written
-            owner = new_owner()
-            job = await store.submit(spec, owner=owner, lease=settings.daemon.lease_seconds, job_id=job_id)
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        signals: list[int] = []
+        stopped: list[Job] = []
+        ticker: list[asyncio.Task[None]] = []
+
+        def on_signal(sig: int) -> None:
+            signals.append(sig)
+            stop.set()
+
+        def submitted(job: Job) -> None:  # committed; Ctrl-C now stops it at a safe point
             printer.restart_clock()
-            printer.line(f"job {job.id} ({job.name}) submitted to {db.describe(settings.db)}")
-            runner = Runner(store, client, owner=owner, settings=EngineSettings.from_settings(settings),
-                            observer=printer)
-            signals: list[int] = []
-
-            def stop(sig: int) -> None:
-                signals.append(sig)
-                runner.stop.set()
-
-            loop = asyncio.get_running_loop()
+            printer.line(f"job {job.id} ({job.name}) submitted to {flow.db}")
             for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop, sig)
-            ticker = asyncio.create_task(_tick(store, job.id, printer))
-            try:
-                async with heartbeat(store, runner, settings.daemon):
-                    state = await runner.run(job)
-            finally:
-                ticker.cancel()
+                loop.add_signal_handler(sig, on_signal, sig)
+            ticker.append(asyncio.create_task(_tick(flow, job.id, printer)))
+
+        try:
+            final = await flow.run(spec, observer=printer, stop=stop, on_submitted=submitted,
+                                   on_stopped=stopped.append)
+        finally:
+            for task in ticker:
+                task.cancel()
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)
-            if state is JobState.PENDING and target.embedded:
-                await store.cancel(job.id)  # its resources die with this process's emulator
-                printer.line(f"stopped; job {job.id[:8]} CANCELLED (the embedded emulator's resources "
-                             "end with this process, so nothing could finish it)")
-            elif state is JobState.PENDING:
-                printer.line(f"stopped; job {job.id[:8]} is PENDING: `fabricflow daemon` will finish it")
-            final = await store.get(job.id)
-            if state is not JobState.PENDING:
-                error = f": {final.error['message']}" if final.error else ""
-                printer.line(f"job {job.id[:8]} {final.state}{error}")
-            return final, (signals[0] if signals and state is JobState.PENDING else None)
+        if stopped and flow.is_embedded:  # the API has cancelled it: its resources die with this process
+            printer.line(f"stopped; job {final.id[:8]} CANCELLED (the embedded emulator's resources "
+                         "end with this process, so nothing could finish it)")
+        elif stopped:
+            printer.line(f"stopped; job {final.id[:8]} is PENDING: `fabricflow daemon` will finish it")
+        else:
+            error = f": {final.error['message']}" if final.error else ""
+            printer.line(f"job {final.id[:8]} {final.state}{error}")
+        return final, (signals[0] if signals and stopped else None)
     finally:
-        await store.close()
+        await flow.close()
 
 
-async def _tick(store: JobStore, job_id: str, printer: ProgressPrinter) -> None:
+async def _tick(flow: Fabricflow, job_id: str, printer: ProgressPrinter) -> None:
     """While nothing else is printed, say every TICK_SECONDS what is being waited for, how long
     it has been, and the latest status known."""
     import asyncio
@@ -168,7 +168,7 @@ async def _tick(store: JobStore, job_id: str, printer: ProgressPrinter) -> None:
         if idle < TICK_SECONDS:
             await asyncio.sleep(TICK_SECONDS - idle)
             continue
-        lines = waiting_lines(await store.get(job_id))
+        lines = waiting_lines(await flow.get(job_id))
         for line in lines:
             printer.line(line)
         if not lines:  # between attempts, say: nothing to report, look again later
@@ -214,9 +214,11 @@ def submit(ctx: click.Context, spec_files: tuple[str, ...], count: int, wait: bo
     Every copy of every SPEC is checked before anything is written, and the jobs are committed
     in one transaction: either all of them are submitted or, on any error, none.
     """
+    from orchestrator.submission import Prepared
+
     settings = settings_from(ctx)
-    job_ids, specs = specs_from_files(spec_files, count=count)
-    if not run_async(_submit(settings, job_ids, specs, wait=wait, as_json=as_json)):
+    job_ids, specs = specs_from_files(spec_files, count=count)  # a bad spec: no database is opened
+    if not run_async(_submit(settings, Prepared(job_ids, specs), wait=wait, as_json=as_json)):
         ctx.exit(EXIT_FAILED)
 
 
@@ -266,31 +268,29 @@ def _check_names_differ(data: Any, path: str, count: int) -> None:
                         'least one, e.g. name: "ws-{index}"')
 
 
-async def _submit(settings: Settings, job_ids: list[str], specs: list[JobSpec], *, wait: bool,
-                  as_json: bool) -> bool:
-    """Submit every spec in one transaction, under the given IDs, and print the IDs or jobs;
-    False if a waited job failed."""
+async def _submit(settings: Settings, prepared: Prepared, *, wait: bool, as_json: bool) -> bool:
+    """Submit every spec in one transaction, under its ID (on a real Fabric, once the resources
+    they reuse are found), and print the IDs or jobs; False if a waited job failed."""
     from orchestrator.machine import JobState
 
-    await _check_reused(settings, specs)
-    store = await open_store(settings, create=True)
+    flow = await open_flow(settings, create=True)
     try:
-        ids = await store.submit_many(specs, ids=job_ids)
+        ids = await flow.submit_many(prepared)
         if not as_json:
             click.echo("\n".join(ids))
         if not wait:
             if as_json:
-                _emit_jobs([await store.get(job_id) for job_id in ids])
+                _emit_jobs([await flow.get(job_id) for job_id in ids])
             return True
         if len(ids) == 1:
-            jobs = [await follow(store, ids[0], printer=True)]
+            jobs = [await follow(flow, ids[0], printer=True)]
         else:
-            jobs = await _wait_for_all(store, ids)
+            jobs = await _wait_for_all(flow, ids)
         if as_json:
             _emit_jobs(jobs)
         return all(job.state is JobState.SUCCEEDED for job in jobs)
     finally:
-        await store.close()
+        await flow.close()
 
 
 def _emit_jobs(jobs: list[Job]) -> None:
@@ -298,65 +298,24 @@ def _emit_jobs(jobs: list[Job]) -> None:
     emit_json(jobs[0].as_json() if len(jobs) == 1 else [job.as_json() for job in jobs])
 
 
-_REUSABLE = ("workspace", "endpoint", "model")
-
-
-async def _check_reused(settings: Settings, specs: list[JobSpec]) -> None:
-    """On a real (or separate) Fabric, check that the resources the specs reuse exist, once for
-    each distinct set of reused IDs (copies of one spec share theirs), before anything is written."""
-    from orchestrator.spec import Reuse
-
-    def reused_ids(spec: JobSpec) -> tuple[str | None, ...]:
-        return tuple(part.id if isinstance(part := getattr(spec, key), Reuse) else None for key in _REUSABLE)
-
-    distinct: dict[tuple[str | None, ...], JobSpec] = {}
-    for spec in specs:
-        if any(ids := reused_ids(spec)):
-            distinct.setdefault(ids, spec)
-    if settings.is_embedded or not distinct:
-        return
-    from orchestrator.engine.procedure import check_reused
-    from orchestrator.wiring import client_for, fabric_target
-
-    async with fabric_target(settings) as target, client_for(settings, target) as client:
-        for spec in distinct.values():
-            await check_reused(client, spec)
-
-
-async def _wait_for_all(store: JobStore, ids: list[str]) -> list[Job]:
+async def _wait_for_all(flow: Fabricflow, ids: list[str]) -> list[Job]:
     """Wait until every job has ended, printing one line on stderr as each does; the final jobs."""
     import asyncio
 
     ended: dict[str, Job] = {}
     while True:
         pending = [job_id for job_id in ids if job_id not in ended]
-        states = await _states(store, pending)
+        states = await flow.states(pending)  # a few queries, not one per job
         for job_id in pending:
             if job_id not in states:
                 raise NotFoundError(f"job {job_id} is no longer in the database")
             if states[job_id].is_terminal:
-                ended[job_id] = job = await store.get(job_id)
+                ended[job_id] = job = await flow.get(job_id)
                 error = f": {job.error['message']}" if job.error else ""
                 click.echo(f"job {job.id[:8]} ({job.name}) {job.state}{error}", err=True)
         if len(ended) == len(ids):
             return [ended[job_id] for job_id in ids]
         await asyncio.sleep(0.5)
-
-
-async def _states(store: JobStore, ids: list[str]) -> dict[str, JobState]:
-    """The current state of each job, read in a few queries rather than one per job."""
-    # JobStore reads one job at a time; this bulk read belongs there once the store is reopened.
-    from sqlalchemy import select
-
-    from orchestrator.machine import JobState
-    from orchestrator.store.schema import jobs
-
-    found: dict[str, JobState] = {}
-    async with store.engine.connect() as conn:
-        for start in range(0, len(ids), 500):  # within every database's bound-parameter limit
-            query = select(jobs.c.id, jobs.c.state).where(jobs.c.id.in_(ids[start:start + 500]))
-            found.update((job_id, JobState(state)) for job_id, state in await conn.execute(query))
-    return found
 
 
 # --- plan, example ---------------------------------------------------------------------------
@@ -392,7 +351,9 @@ def plan(ctx: click.Context, spec_file: str, as_json: bool) -> None:
     from orchestrator.plan import read_draft
 
     spec, templated = read_draft(spec_file)  # a bad spec: exit 2 before any request
-    made, where = run_async(_plan(settings, spec, templated))
+    from orchestrator.api import plan_spec
+
+    made, where = run_async(plan_spec(spec, settings=settings, templated=templated))
     if as_json:
         emit_json({"spec": spec_file, "name": spec.name, "fabric_url": where, "proceeds": made.proceeds,
                    "steps": [step.as_json() for step in made.steps]})
@@ -408,16 +369,6 @@ def plan(ctx: click.Context, spec_file: str, as_json: bool) -> None:
     if not made.proceeds:
         refused = ", ".join(str(step.step) for step in made.refused)
         raise UserError(f"{spec_file}: run would refuse this spec ({refused})")
-
-
-async def _plan(settings: Settings, spec: JobSpec, templated: dict[str, str]) -> tuple[Any, str]:
-    """The plan, and where it was checked (``embedded`` or Fabric's URL)."""
-    from orchestrator.plan import make_plan
-    from orchestrator.wiring import client_for, fabric_target
-
-    async with fabric_target(settings, announce=False) as target, client_for(settings, target) as client:
-        made = await make_plan(client, spec, templated=templated)
-    return made, "embedded" if target.embedded else target.fabric_url
 
 
 @main.command()
@@ -458,31 +409,21 @@ def daemon(ctx: click.Context, concurrency: int | None, metrics_port: int | None
 
     On SQLite one daemon owns a database file and, at start-up, resumes every job a crashed
     daemon left RUNNING. Jobs continue where they stopped; nothing is created twice.
+
+    Logs one line per claim, step transition and job end (with job_id, step and Fabric's
+    request_id) at the default level, info: JSON lines when stderr is not a terminal.
     """
-    settings = settings_from(ctx)
-    if concurrency:
-        settings.daemon.concurrency = concurrency
+    settings = settings_from(ctx, log_level="info")
 
     async def go() -> None:
-        from orchestrator.engine.daemon import Daemon, new_owner
-        from orchestrator.engine.health import DaemonMetrics
-        from orchestrator.engine.runner import EngineSettings, Runner
-        from orchestrator.store import db
-        from orchestrator.wiring import client_for, fabric_target
-
-        store = await open_store(settings, create=True)
+        flow = await open_flow(settings, create=True)
         try:
-            async with fabric_target(settings) as target, client_for(settings, target) as client:
-                metrics = DaemonMetrics()
-                runner = Runner(store, client, owner=new_owner(), settings=EngineSettings.from_settings(settings),
-                                observer=metrics)
-                d = Daemon(store, runner, settings.daemon, url=settings.db, metrics=metrics,
-                           metrics_address=None if metrics_port is None else (metrics_host, metrics_port),
-                           on_metrics_ready=lambda url: click.echo(f"health and metrics on {url}/healthz, "
-                                                                   f"{url}/metrics", err=True))
-                click.echo(f"fabricflow daemon {runner.owner} on {db.describe(settings.db)}", err=True)
-                await d.run()
+            await flow.serve(
+                concurrency=concurrency or None, metrics_host=metrics_host, metrics_port=metrics_port,
+                on_metrics_ready=lambda url: click.echo(f"health and metrics on {url}/healthz, {url}/metrics",
+                                                        err=True),
+                on_started=lambda owner: click.echo(f"fabricflow daemon {owner} on {flow.db}", err=True))
         finally:
-            await store.close()
+            await flow.close()
 
     run_async(go())

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import click
 
-from orchestrator.cli_common import Group, emit_json, global_options, run_async, settings_from
+from orchestrator.cli_common import (
+    Group,
+    emit_json,
+    global_options,
+    run_async,
+    settings_from,
+)
 from orchestrator.cli_ops import Duration
 from orchestrator.errors import UserError
 
@@ -114,18 +120,11 @@ def db_group() -> None:
 @click.pass_context
 def upgrade(ctx: click.Context) -> None:
     """Apply every pending migration to the database (creating it if needed)."""
-    from orchestrator.store import db
-    from orchestrator.store.jobs import JobStore
+    from orchestrator.api import describe_database, upgrade_database
 
     settings = settings_from(ctx)
-
-    async def go() -> str:
-        store = await JobStore.open(settings.db, auto_upgrade=True)
-        await store.close()
-        return db.head_revision()
-
-    head = run_async(go())
-    click.echo(f"{db.describe(settings.db)}: schema at {head} (current)")
+    head = run_async(upgrade_database(settings.db))
+    click.echo(f"{describe_database(settings.db)}: schema at {head} (current)")
 
 
 @db_group.command()

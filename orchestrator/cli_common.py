@@ -14,7 +14,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
@@ -22,10 +22,9 @@ import click
 from orchestrator.errors import OrchestratorError, UserError
 
 if TYPE_CHECKING:
+    from orchestrator.api import Fabricflow
     from orchestrator.config import Settings
-    from orchestrator.domain import Event, Job
-    from orchestrator.store.jobs import JobStore
-    from orchestrator.store.readonly import ReadOnlyStore
+    from orchestrator.domain import Job
 
 T = TypeVar("T")
 EXIT_FAILED = 1
@@ -60,7 +59,12 @@ def global_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Use the real Fabric hosts of a region, e.g. cn-north-4."),
         click.option("--log-level", "log_level", expose_value=False, callback=_remember,
                      type=click.Choice(["debug", "info", "warning", "error"]),
-                     help="Structured logs on stderr at this level."),
+                     help="Structured logs on stderr at this level [default: info for the daemon, "
+                          "warning otherwise]."),
+        click.option("--log-format", "log_format", expose_value=False, callback=_remember,
+                     type=click.Choice(["auto", "json", "console"]),
+                     help="Logs as JSON lines or console lines; auto: console on a terminal, "
+                          "JSON otherwise [env FABRICFLOW_LOG_FORMAT]."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -68,11 +72,13 @@ def global_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def settings_from(ctx: click.Context, *, configure_logs: bool = True,
-                  log_lines: Callable[[str], None] | None = None) -> Settings:
+                  log_lines: Callable[[str], None] | None = None, log_level: str = "warning") -> Settings:
     """Settings from the global options given anywhere on the command line.
 
     ``configure_logs`` sets up structlog (commands that only read the database log nothing);
-    ``log_lines`` turns log events into lines of a command's own progress output (``run``).
+    ``log_lines`` turns log events into lines of a command's own progress output (``run``);
+    ``log_level``: the command's own level when no option, variable or file sets one (the daemon
+    logs at info: a line per claim, step transition and job end).
 
     Without ``configure_logs``, when ``config_files.quick_db`` is sure of ``db`` (the only
     setting list, show and events use), Settings are built only if something else is asked
@@ -97,7 +103,9 @@ def settings_from(ctx: click.Context, *, configure_logs: bool = True,
 
         # NO_COLOR (no-color.org): any non-empty value turns ANSI colours off.
         color = sys.stderr.isatty() and not os.environ.get("NO_COLOR")
-        logs.configure(settings.log_level, settings.log_format, color=color, lines=log_lines)
+        logs.register_secrets(*logs.secrets_of(settings))
+        level = settings.log_level if "log_level" in settings.model_fields_set else log_level
+        logs.configure(level, settings.log_format, color=color, lines=log_lines)
     return settings
 
 
@@ -145,11 +153,11 @@ class Group(click.Group):
             if sa_exc is None or not isinstance(exc, sa_exc.DBAPIError):
                 raise
             # The database failed mid-command (locked, read-only, disk full): one line, no SQL.
-            from orchestrator.store import db
+            from orchestrator.api import database_problem, describe_database
 
             url = ctx.find_root().meta.get("fabricflow.db")
-            where = db.describe(url) if url else "database"
-            click.echo(f"error: {where}: {db.database_problem(exc)}", err=True)
+            where = describe_database(url) if url else "database"
+            click.echo(f"error: {where}: {database_problem(exc)}", err=True)
             ctx.exit(2)
 
 
@@ -174,78 +182,39 @@ def job_argument(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.argument("job_ref", metavar="JOB", callback=_job_ref)(func)
 
 
-# --- stores ----------------------------------------------------------------------------------
+# --- the Python API, which every command goes through ------------------------------------
 
 
-async def open_store(settings: Settings, *, create: bool) -> JobStore:
-    """The job store; ``create`` lets a missing SQLite file be created (commands that submit).
-
-    Without it, a missing file is "no database at PATH" (exit 3) and nothing is written.
+async def open_flow(settings: Settings, *, create: bool = False, read_only: bool = False,
+                    announce: bool = True) -> Fabricflow:
+    """The API on the configured database and Fabric; ``create`` lets a missing SQLite file be
+    created (commands that submit). Without it, a missing file is "no database at PATH" (exit 3)
+    and nothing is written. ``read_only``: a SQLite file at the current schema is read through
+    stdlib sqlite3 (no SQLAlchemy to import). ``announce``: say where the embedded emulator runs.
     """
-    from orchestrator.store import db
-    from orchestrator.store.jobs import JobStore
+    from orchestrator.api import Fabricflow
 
-    path = db.sqlite_path(settings.db)
-    missing = not create and path is not None and not path.exists()
-    # Opened without auto-upgrade, a missing file is reported by db.prepare (after a bad URL,
-    # which create_engine reports first), not created. An existing older file is still migrated.
-    return await JobStore.open(settings.db, auto_upgrade=False if missing else None)
+    return await Fabricflow.from_settings(settings, create=create, read_only=read_only, announce=announce)
 
 
-async def with_store(settings: Settings, func: Callable[[JobStore], Awaitable[T]]) -> T:
-    """``func(store)`` on the store of an existing database, closed afterwards."""
-    store = await open_store(settings, create=False)
+async def with_flow(settings: Settings, func: Callable[[Fabricflow], Awaitable[T]], *, create: bool = False,
+                    read_only: bool = False) -> T:
+    """``func(flow)`` on the API (see ``open_flow``), closed afterwards."""
+    flow = await open_flow(settings, create=create, read_only=read_only)
     try:
-        return await func(store)
+        return await func(flow)
     finally:
-        await store.close()
+        await flow.close()
 
 
-async def open_reader(settings: Settings) -> JobStore | ReadOnlyStore:
-    """A store to read from; it never creates a database.
-
-    A SQLite file at the current schema is read through stdlib sqlite3, read-only (no
-    SQLAlchemy to import); anything else through JobStore, which migrates an older SQLite file
-    as every command does.
-    """
-    from orchestrator.store.readonly import ReadOnlyStore, sqlite_file
-
-    path = sqlite_file(settings.db)
-    reader = ReadOnlyStore.open(path) if path is not None else None
-    return reader if reader is not None else await open_store(settings, create=False)
-
-
-async def with_reader(settings: Settings, func: Callable[[Any], Awaitable[T]]) -> T:
-    """``func(store)`` on a reading store (see ``open_reader``), closed afterwards."""
-    store = await open_reader(settings)
-    try:
-        return await func(store)
-    finally:
-        await store.close()
-
-
-async def follow_events(store: Any, job_id: str, *, after: int = 0) -> AsyncIterator[Event]:
-    """The job's events as they are committed, until it has ended and its last event is out."""
-    import asyncio
-
-    while True:
-        ended = (await store.get(job_id)).state.is_terminal  # read before the events: none missed
-        for event in await store.events(job_id, after=after):
-            after = event.id
-            yield event
-        if ended:
-            return
-        await asyncio.sleep(0.5)
-
-
-async def follow(store: Any, job_id: str, *, printer: bool) -> Job:
+async def follow(flow: Fabricflow, job_id: str, *, printer: bool) -> Job:
     """Print the job's events to stderr as they are committed until it ends; returns the final job."""
     from orchestrator.render import format_event
 
-    async for event in follow_events(store, job_id):
+    async for event in flow.events(job_id, follow=True):
         if printer:
             click.echo(format_event(event), err=True)
-    return await store.get(job_id)
+    return await flow.get(job_id)
 
 
 def finish_submitted(ctx: click.Context, job: Any, *, as_json: bool, wait: bool) -> None:

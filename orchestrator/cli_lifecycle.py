@@ -7,7 +7,6 @@ Each acts on a job that exists, so none of them creates a database: a missing SQ
 from __future__ import annotations
 
 import sys
-import time
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -21,15 +20,15 @@ from orchestrator.cli_common import (
     job_argument,
     run_async,
     settings_from,
-    with_store,
+    with_flow,
 )
-from orchestrator.errors import FabricError, UserError
-from orchestrator.machine import JobKind, JobState, StepName, StepState
+from orchestrator.errors import UserError
+from orchestrator.machine import JobState, StepState
 
 if TYPE_CHECKING:
+    from orchestrator.api import Fabricflow
     from orchestrator.config import Settings
     from orchestrator.domain import Invocation, Job
-    from orchestrator.store.jobs import JobStore
 
 
 @click.command()
@@ -44,28 +43,24 @@ def cancel(ctx: click.Context, job_ref: str, then_teardown: bool, wait: bool) ->
     point (never between a create request and recording its result) and ends CANCELLED."""
     settings = settings_from(ctx)
 
-    async def go(store: JobStore) -> Job | None:
-        job_id = await store.resolve(job_ref)
-        job = await store.get(job_id)
-        if job.state.is_terminal:
-            if not then_teardown:
-                raise UserError(f"job {job_id[:8]} already ended {job.state}; nothing to cancel")
-        else:
-            state = await store.cancel(job_id)
-            click.echo(f"job {job_id[:8]}: " + ("CANCELLED" if state is JobState.CANCELLED
+    async def go(flow: Fabricflow) -> Job | None:
+        ended = (job := await flow.get(job_ref)).state.is_terminal  # ended already: no cancel to report
+        done = await flow.cancel(job, teardown=then_teardown)
+        if not ended:
+            click.echo(f"job {job.id[:8]}: " + ("CANCELLED" if done.job.state is JobState.CANCELLED
                        else "cancellation requested; it stops at its next safe point"), err=True)
-        teardown = await store.submit_teardown(job_id) if then_teardown else None
+        teardown = done.teardown
         if teardown is not None:
             click.echo(teardown.id)
             click.echo(f"teardown job {teardown.id[:8]} submitted; a daemon runs it once the job has stopped",
                        err=True)
         if wait:
-            await follow(store, job_id, printer=False)
+            await follow(flow, job.id, printer=False)
             if teardown is not None:
-                return await follow(store, teardown.id, printer=True)
+                return await follow(flow, teardown.id, printer=True)
         return teardown
 
-    result = run_async(with_store(settings, go))
+    result = run_async(with_flow(settings, go))
     if wait and result is not None and result.state is not JobState.SUCCEEDED:
         ctx.exit(EXIT_FAILED)
 
@@ -81,10 +76,7 @@ def retry(ctx: click.Context, job_ref: str) -> None:
     """
     settings = settings_from(ctx)
 
-    async def go(store: JobStore) -> Job:
-        return await store.retry(await store.resolve(job_ref))
-
-    job = run_async(with_store(settings, go))
+    job = run_async(with_flow(settings, lambda flow: flow.retry(job_ref)))
     failed_at = next((s.name for s in job.steps.values() if s.state is StepState.PENDING
                       and s.attempts == 0 and s.started_at), None)
     where = f" from step {failed_at}" if failed_at else ""
@@ -105,20 +97,15 @@ def teardown(ctx: click.Context, job_ref: str, wait: bool, as_json: bool) -> Non
     """
     settings = settings_from(ctx)
 
-    async def go(store: JobStore) -> Job:
-        job_id = await store.resolve(job_ref)
-        job = await store.get(job_id)
-        if not job.state.is_terminal:
-            raise UserError(f"job {job_id[:8]} is {job.state}; cancel it first: "
-                            f"fabricflow cancel {job_id[:8]} --teardown")
-        created = await store.submit_teardown(job_id)
+    async def go(flow: Fabricflow) -> Job:
+        created = await flow.teardown(job_ref)
         if wait:
             if not as_json:
                 click.echo(created.id)
-            return await follow(store, created.id, printer=not as_json)
+            return await follow(flow, created.id, printer=not as_json)
         return created
 
-    finish_submitted(ctx, run_async(with_store(settings, go)), as_json=as_json, wait=wait)
+    finish_submitted(ctx, run_async(with_flow(settings, go)), as_json=as_json, wait=wait)
 
 
 # --- invocations ------------------------------------------------------------------------------
@@ -141,45 +128,18 @@ def invocation_options(func: Any) -> Any:
     return func
 
 
-async def _target_of(store: JobStore, job_ref: str) -> Job:
-    job = await store.get(await store.resolve(job_ref))
-    if job.kind is not JobKind.CREATE:
-        raise UserError(f"job {job.id[:8]} is a teardown job; invoke the job that created the service")
-    if job.steps[StepName.SERVICE_READY].state is not StepState.SUCCEEDED:
-        raise UserError(f"job {job.id[:8]} has no RUNNING service instance yet "
-                        f"(job {job.state}, service_ready {job.steps[StepName.SERVICE_READY].state})")
-    return job
-
-
-async def _invoke_once(settings: Settings, store: JobStore, job: Job, client: Any,
-                       messages: list[dict[str, str]], options: dict[str, Any], *, echo: bool) -> Invocation:
-    instance_id = job.resource_id(StepName.SERVICE_INSTANCE)
-    workspace_id = job.resource_id(StepName.WORKSPACE)
-    assert instance_id and workspace_id
-    started = time.monotonic()
-    first: list[float] = []
+async def _invoke_once(flow: Fabricflow, job_ref: str, messages: list[dict[str, str]],
+                       options: dict[str, Any], *, system: str | None) -> Invocation:
+    """One invocation through the API, its reply streaming to stderr (then a newline)."""
 
     def on_text(text: str) -> None:
-        if not first:
-            first.append(time.monotonic())
-        if echo:
-            sys.stderr.write(text)
-            sys.stderr.flush()
+        sys.stderr.write(text)
+        sys.stderr.flush()
 
-    request = {"messages": messages, **options}
-    try:
-        result = await client.invoke(workspace_id, instance_id, request, on_text=on_text)
-    except FabricError as exc:
-        return await store.record_invocation(
-            job.id, service_instance_id=instance_id, request=request, error=exc.as_dict(),
-            duration_ms=int((time.monotonic() - started) * 1000))
-    if echo:
+    record = await flow.invoke(job_ref, messages, system=system, on_text=on_text, **options)
+    if record.error is None:
         sys.stderr.write("\n")
-    return await store.record_invocation(
-        job.id, service_instance_id=instance_id, request=request, reply=result.reply,
-        finish_reason=result.finish_reason, usage=result.usage,
-        ttft_ms=int((first[0] - started) * 1000) if first else None,
-        duration_ms=int((time.monotonic() - started) * 1000))
+    return record
 
 
 def _embedded_hint(settings: Settings) -> None:
@@ -205,17 +165,12 @@ def invoke(ctx: click.Context, job_ref: str, message: str, temperature: float | 
     """
     settings = settings_from(ctx)
     _embedded_hint(settings)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
+    options = _options(temperature, max_tokens, top_p)
 
-    async def go(store: JobStore) -> Invocation:
-        from orchestrator.wiring import client_for, fabric_target
+    async def go(flow: Fabricflow) -> Invocation:
+        return await _invoke_once(flow, job_ref, [{"role": "user", "content": message}], options, system=system)
 
-        job = await _target_of(store, job_ref)
-        async with fabric_target(settings) as target, client_for(settings, target) as client:
-            return await _invoke_once(settings, store, job, client, messages,
-                                      _options(temperature, max_tokens, top_p), echo=True)
-
-    record = run_async(with_store(settings, go))
+    record = run_async(with_flow(settings, go))
     if as_json:
         emit_json(record.as_json())
     if record.error:
@@ -238,30 +193,27 @@ def chat(ctx: click.Context, job_ref: str, temperature: float | None, max_tokens
     _embedded_hint(settings)
     options = _options(temperature, max_tokens, top_p)
 
-    async def go(store: JobStore) -> None:
-        from orchestrator.wiring import client_for, fabric_target
+    async def go(flow: Fabricflow) -> None:
+        job = await flow.invocable(job_ref)  # before the first prompt: a job with no service is refused
+        history: list[dict[str, str]] = []
+        while True:
+            sys.stderr.write("you> ")
+            sys.stderr.flush()
+            line = sys.stdin.readline()
+            if not line or line.strip() in ("/exit", "/quit"):
+                return
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line.strip()})
+            sys.stderr.write("model> ")
+            record = await _invoke_once(flow, job.id, list(history), options, system=system)
+            if record.error:
+                sys.stderr.write(f"\nerror: {record.error['message']}\n")
+                history.pop()
+                continue
+            history.append({"role": "assistant", "content": record.reply or ""})
 
-        job = await _target_of(store, job_ref)
-        history = [{"role": "system", "content": system}] if system else []
-        async with fabric_target(settings) as target, client_for(settings, target) as client:
-            while True:
-                sys.stderr.write("you> ")
-                sys.stderr.flush()
-                line = sys.stdin.readline()
-                if not line or line.strip() in ("/exit", "/quit"):
-                    return
-                if not line.strip():
-                    continue
-                history.append({"role": "user", "content": line.strip()})
-                sys.stderr.write("model> ")
-                record = await _invoke_once(settings, store, job, client, list(history), options, echo=True)
-                if record.error:
-                    sys.stderr.write(f"\nerror: {record.error['message']}\n")
-                    history.pop()
-                    continue
-                history.append({"role": "assistant", "content": record.reply or ""})
-
-    run_async(with_store(settings, go))
+    run_async(with_flow(settings, go))
 
 
 COMMANDS = (cancel, retry, teardown, invoke, chat)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -19,9 +19,10 @@ import click
 from orchestrator.cli_common import (
     emit_json,
     global_options,
-    open_reader,
+    open_flow,
     run_async,
     settings_from,
+    with_flow,
 )
 
 if TYPE_CHECKING:
@@ -55,45 +56,17 @@ def status(ctx: click.Context, limit: int, as_json: bool) -> None:
     cancel_requested, waiting_for}], failures: [{id, name, kind, finished_at, step, error}]}.
     Times are ISO 8601 in UTC, read against the database's clock.
     """
-    from orchestrator.store import readonly
+    from orchestrator.api import describe_database, sqlite_file
 
     settings = settings_from(ctx, configure_logs=False)
-    overview = run_async(_read(settings, limit=limit))
-    where = _describe(settings.db, readonly.sqlite_file(settings.db))
+    overview = run_async(with_flow(settings, lambda flow: flow.overview(limit=limit), read_only=True))
+    path = sqlite_file(settings.db)
+    where = str(path) if path is not None else describe_database(settings.db)  # a URL: never its password
     if as_json:
         emit_json(overview_json(overview, where))
         return
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")  # no-color.org
     click.echo(format_overview(overview, where, color=color), color=color)
-
-
-async def _read(settings: Settings, *, limit: int) -> Overview:
-    from orchestrator.store.overview import read_overview
-    from orchestrator.store.readonly import ReadOnlyStore
-
-    store = await open_reader(settings)
-    try:
-        # SQLite: the one daemon of a file writes with this machine's clock.
-        if isinstance(store, ReadOnlyStore):
-            return await read_overview(store.fetch, limit=limit, now=datetime.now(UTC))
-        from sqlalchemy import text
-
-        local = store.engine.dialect.name == "sqlite"
-        async with store.engine.connect() as conn:
-            async def fetch(sql: str, params: dict[str, Any]) -> list[Any]:
-                return list((await conn.execute(text(sql), params)).mappings())
-
-            return await read_overview(fetch, limit=limit, now=datetime.now(UTC) if local else None)
-    finally:
-        await store.close()
-
-
-def _describe(url: str, path: Any) -> str:
-    if path is not None:
-        return str(path)
-    from orchestrator.store import db  # a URL with a password: never print it
-
-    return db.describe(url)
 
 
 # --- JSON ------------------------------------------------------------------------------------
@@ -274,37 +247,16 @@ class Duration(click.ParamType):
         return timedelta(seconds=float(match.group(1)) * _UNIT[match.group(2)])
 
 
-#: Jobs removed per transaction: a prune of months never holds the write lock for long.
-PRUNE_BATCH = 500
-
-
 async def prune(settings: Settings, *, older_than: timedelta, dry_run: bool,
                 with_resources: bool = False) -> dict[str, Any]:
     """Remove (or, ``dry_run``, count) finished jobs' rows and old daemons' registry rows: the
     object ``db prune --json`` prints."""
-    from orchestrator.cli_common import open_store
-    from orchestrator.store import ops
-
-    store = await open_store(settings, create=False)  # a missing SQLite file: exit 3, nothing made
+    flow = await open_flow(settings, announce=False)  # a missing SQLite file: exit 3, nothing made
     try:
-        at = store.clock()
-        before = at - older_than
-        plan = await store.writer.run(ops.prune_plan(before=before, at=at, with_resources=with_resources))
-        removed, rows, daemons = plan.job_ids, dict(plan.rows), len(plan.daemons)
-        if not dry_run:
-            removed, rows = [], dict.fromkeys(rows, 0)
-            for start in range(0, len(plan.job_ids), PRUNE_BATCH):
-                ids, counts = await store.writer.run(
-                    ops.prune_jobs(plan.job_ids[start:start + PRUNE_BATCH], before=before,
-                                   with_resources=with_resources))
-                removed += ids
-                rows = {table: rows[table] + counts[table] for table in rows}
-            daemons = await store.writer.run(ops.prune_daemons(plan.daemons, before=before))
-        return {"dry_run": dry_run, "older_than": span(older_than), "before": before.isoformat(),
-                "jobs": removed, "rows": rows, "daemons": daemons,
-                "kept": {"for_teardown": plan.kept_for_teardown, "with_resources": plan.kept_with_resources}}
+        outcome = await flow.prune(older_than=older_than, dry_run=dry_run, with_resources=with_resources)
     finally:
-        await store.close()
+        await flow.close()
+    return {"dry_run": outcome["dry_run"], "older_than": span(older_than), **outcome}
 
 
 def span(delta: timedelta) -> str:

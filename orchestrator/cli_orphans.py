@@ -14,7 +14,7 @@ from orchestrator.cli_common import (
     EXIT_FAILED,
     emit_json,
     global_options,
-    open_store,
+    open_flow,
     run_async,
     settings_from,
 )
@@ -94,38 +94,22 @@ def orphans(ctx: click.Context, delete: bool, timeout: float | None, as_json: bo
 async def _orphans(settings: Settings, *, delete: bool, timeout: float | None,
                    as_json: bool) -> tuple[list[Orphan], list[Deletion]]:
     """Find (and delete) the orphans; what was found (judged again before deleting) and deleted."""
-    from orchestrator.orphans import (
-        DeleteSettings,
-        delete_orphans,
-        find_orphans,
-        read_records,
-        recheck,
-    )
-    from orchestrator.store import db
-    from orchestrator.wiring import client_for, fabric_target
-
-    store = await open_store(settings, create=False)  # before any request: a missing database is exit 3
+    flow = await open_flow(settings)  # before any request: a missing database is exit 3
     try:
-        async with fabric_target(settings) as target, client_for(settings, target) as client:
-            click.echo(f"looking through every workspace on {target.fabric_url} ...", err=True)
-            found = await find_orphans(client, lambda: read_records(store))
-            if delete:
-                found = recheck(found, await read_records(store))
-            _listing(found, db.describe(settings.db), err=as_json)
-            if not delete:
-                _dry_run_hint(found, err=as_json)
-                return found, []
-            retry = settings.retry
-            deletions = await delete_orphans(client, found, _printer(err=as_json), DeleteSettings(
-                timeout=timeout or DeleteSettings().timeout, poll_initial=settings.poll.initial,
-                poll_max=settings.poll.max, attempts=retry.max_attempts, backoff_base=retry.backoff_base,
-                backoff_cap=retry.backoff_cap))
-            gone = sum(1 for d in deletions if d.error is None)
-            if deletions:
-                click.echo(f"deleted {gone} of {len(deletions)} orphan(s)", err=True)
-            return found, deletions
+        found = await flow.find_orphans(
+            recheck=delete, on_start=lambda url: click.echo(f"looking through every workspace on {url} ...",
+                                                            err=True))
+        _listing(found, flow.db, err=as_json)
+        if not delete:
+            _dry_run_hint(found, err=as_json)
+            return found, []
+        deletions = await flow.delete_orphans(found, timeout=timeout, on_event=_printer(err=as_json))
+        gone = sum(1 for d in deletions if d.error is None)
+        if deletions:
+            click.echo(f"deleted {gone} of {len(deletions)} orphan(s)", err=True)
+        return found, deletions
     finally:
-        await store.close()
+        await flow.close()
 
 
 def _line(orphan: Orphan) -> str:

@@ -1,29 +1,31 @@
 """Read commands: list, show, events. They never create a database: a missing file is
 "no database at PATH" (exit 3).
 
-A SQLite file at the current schema is read through stdlib sqlite3, opened read-only
-(``store.readonly``), so these commands import neither SQLAlchemy nor Alembic. Any other
-database goes through JobStore, which migrates an older SQLite file as every command does.
+They open the Python API read-only: a SQLite file at the current schema is then read through
+stdlib sqlite3 (``store.readonly``), so these commands import neither SQLAlchemy nor Alembic.
+Any other database goes through JobStore, which migrates an older SQLite file as every command does.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
 from orchestrator.cli_common import (
     emit_json,
-    follow_events,
     global_options,
     job_argument,
     run_async,
     settings_from,
-    with_reader,
+    with_flow,
 )
 from orchestrator.machine import JobState
 from orchestrator.render import format_event, format_job, format_jobs
+
+if TYPE_CHECKING:
+    from orchestrator.api import Fabricflow
 
 
 @click.command(name="list")
@@ -37,7 +39,8 @@ from orchestrator.render import format_event, format_job, format_jobs
 def list_jobs(ctx: click.Context, state: str | None, name: str | None, limit: int, as_json: bool) -> None:
     """List jobs, newest first."""
     settings = settings_from(ctx, configure_logs=False)
-    jobs = run_async(with_reader(settings, lambda s: s.list(state=state, name=name, limit=limit)))
+    jobs = run_async(with_flow(settings, lambda flow: flow.list(state=state, name=name, limit=limit),
+                               read_only=True))
     if as_json:
         emit_json([j.summary_json() for j in jobs])
     else:
@@ -56,10 +59,7 @@ def show(ctx: click.Context, job_ref: str, as_json: bool) -> None:
     """
     settings = settings_from(ctx, configure_logs=False)
 
-    async def get(store: Any) -> Any:
-        return await store.get(await store.resolve(job_ref))
-
-    job = run_async(with_reader(settings, get))
+    job = run_async(with_flow(settings, lambda flow: flow.get(job_ref), read_only=True))
     click.echo(json.dumps(job.as_json(), indent=2, ensure_ascii=False) if as_json else format_job(job))
 
 
@@ -73,19 +73,18 @@ def events(ctx: click.Context, job_ref: str, follow: bool, as_json: bool) -> Non
     """Print a job's event log: every transition, retry and adoption, oldest first."""
     settings = settings_from(ctx, configure_logs=False)
 
-    async def go(store: Any) -> None:
-        job_id = await store.resolve(job_ref)
+    async def go(flow: Fabricflow) -> None:
         if not follow:
-            found = await store.events(job_id)
+            found = [event async for event in flow.events(job_ref)]
             if as_json:
                 emit_json([e.as_json() for e in found])
             for event in [] if as_json else found:
                 click.echo(format_event(event))
             return
-        async for event in follow_events(store, job_id):
+        async for event in flow.events(job_ref, follow=True):
             click.echo(json.dumps(event.as_json()) if as_json else format_event(event))
 
-    run_async(with_reader(settings, go))
+    run_async(with_flow(settings, go, read_only=True))
 
 
 COMMANDS = (list_jobs, show, events)

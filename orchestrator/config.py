@@ -111,7 +111,7 @@ class Settings(BaseSettings):
     fabric_url: str = EMBEDDED
     fabric_ep_url: str | None = None
     region: str | None = None
-    log_level: Literal["debug", "info", "warning", "error"] = "warning"
+    log_level: Literal["debug", "info", "warning", "error"] = "warning"  # unset: the daemon uses info
     log_format: Literal["auto", "json", "console"] = "auto"
 
     auth_token: SecretStr | None = None

@@ -4,6 +4,7 @@ modules log through, which never configure anything (``get_logger``)."""
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Callable, MutableMapping
 from typing import Any
@@ -14,14 +15,88 @@ SENSITIVE = frozenset({
     "ak", "sk", "secret", "secret_key", "access_key", "token", "auth_token", "security_token",
     "authorization", "x-auth-token", "x-security-token", "password", "headers", "credentials",
 })
+MASK = "********"
+
+# ``token=abc``, ``"sk": "abc"``, ``Authorization: Bearer abc`` inside a longer string.
+_KEY_VALUE = re.compile(
+    r"(?i)\b(ak|sk|secret(?:_key)?|access_key|(?:auth_|security_|x-auth-|x-security-)?token|authorization"
+    r"|password|passwd)([\"']?\s*[:=]\s*[\"']?)(?:bearer\s+)?[^\s\"',;&}]+")
+_BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]+")
+_URL_PASSWORD = re.compile(r"(\w[\w+.-]*://[^:/@\s]*:)[^@\s]+@")
+
+_secrets: tuple[str, ...] = ()  # the configured secret values, longest first
 
 
-def drop_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Remove keys that may carry secrets, whoever logged them."""
+def register_secrets(*values: object) -> None:
+    """Mask these values wherever they appear in a log event, even inside a longer string.
+
+    Called with the AK, SK, token and security token (``SecretStr`` or str) and the database
+    URL's password; values shorter than four characters are ignored (they would mask too much).
+    """
+    global _secrets
+    found = set(_secrets)
+    for value in values:
+        if value is not None and hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        if isinstance(value, str) and len(value) >= 4:
+            found.add(value)
+    _secrets = tuple(sorted(found, key=len, reverse=True))
+
+
+def secrets_of(settings: Any) -> list[object]:
+    """The secret values of Settings: credentials and the password in the database URL."""
+    from sqlalchemy.engine import make_url
+
+    values: list[object] = [settings.auth_token, settings.ak, settings.sk, settings.security_token]
+    try:
+        values.append(make_url(settings.db).password)
+    except Exception:  # noqa: BLE001 - not a URL: Settings reports that itself
+        pass
+    return values
+
+
+def scrub(text: str) -> str:
+    """``text`` with configured secrets, ``key=value`` secrets, bearer tokens and URL passwords masked."""
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, MASK)
+    if "=" in text or ":" in text or "earer" in text:
+        text = _KEY_VALUE.sub(lambda m: m.group(1) + m.group(2) + MASK, text)
+        text = _BEARER.sub(lambda m: m.group(1) + MASK, text)
+        text = _URL_PASSWORD.sub(lambda m: m.group(1) + MASK + "@", text)
+    return text
+
+
+def redact_value(value: Any, depth: int = 0) -> Any:
+    """``value`` with secrets masked, walking dicts, lists, tuples, sets and exceptions."""
+    if isinstance(value, str):
+        return scrub(value)
+    if value is None or isinstance(value, (bool, int, float)) or depth > 8:
+        return value
+    if isinstance(value, dict):
+        return {k: MASK if isinstance(k, str) and k.lower() in SENSITIVE else redact_value(v, depth + 1)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return type(value)(redact_value(v, depth + 1) for v in value) if not hasattr(value, "_fields") \
+            else [redact_value(v, depth + 1) for v in value]
+    if isinstance(value, BaseException):
+        return f"{type(value).__name__}: {scrub(str(value))}" if str(value) else type(value).__name__
+    return value
+
+
+def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """The one redaction processor: secret-looking keys and configured secret values are
+    masked at any depth, in strings, containers and exception messages, whoever logged them.
+    Runs after exceptions are formatted, so a traceback's text is scrubbed too."""
     for key in list(event_dict):
         if key.lower() in SENSITIVE:
-            event_dict[key] = "********"
+            event_dict[key] = MASK
+        elif key != "exc_info":
+            event_dict[key] = redact_value(event_dict[key])
     return event_dict
+
+
+drop_secrets = redact  # the name older code imported
 
 
 def configure(level: str = "warning", fmt: str = "auto", *, color: bool | None = None,
@@ -53,8 +128,10 @@ def configure(level: str = "warning", fmt: str = "auto", *, color: bool | None =
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            drop_secrets,
-            structlog.processors.format_exc_info if use_json else structlog.processors.StackInfoRenderer(),
+            structlog.processors.StackInfoRenderer(),
+            # Tracebacks become text before redaction: an exception's message may hold a secret.
+            structlog.processors.format_exc_info,
+            redact,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
@@ -132,7 +209,7 @@ class LibraryLogger:
         self._stdlib = structlog.wrap_logger(
             logging.getLogger(name),
             processors=[structlog.stdlib.filter_by_level, structlog.contextvars.merge_contextvars,
-                        drop_secrets, _stdlib_call],
+                        structlog.processors.format_exc_info, redact, _stdlib_call],
             wrapper_class=structlog.stdlib.BoundLogger, cache_logger_on_first_use=True)
 
     def _target(self) -> Any:
@@ -158,11 +235,11 @@ class LibraryLogger:
 def _stdlib_call(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> dict[str, Any]:
     """The keyword arguments of the standard library call: one line, the traceback apart."""
     data = dict(event_dict)
-    exc_info = data.pop("exc_info", None)
+    exception = data.pop("exception", None)  # the traceback, formatted and redacted
     event = str(data.pop("event", ""))
     fields = " ".join(f"{key}={value!r}" if isinstance(value, str) and (not value or " " in value)
                       else f"{key}={value}" for key, value in data.items())
     call: dict[str, Any] = {"msg": f"{event} {fields}".rstrip()}
-    if exc_info:
-        call["exc_info"] = exc_info
+    if exception:
+        call["msg"] += f"\n{exception}"
     return call

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -17,10 +18,29 @@ from orchestrator.errors import UserError
 if TYPE_CHECKING:
     from orchestrator.spec import JobSpec
 
-__all__ = ["MAX_JOBS", "SpecSource", "specs_for"]
+__all__ = ["MAX_JOBS", "Prepared", "SpecSource", "specs_for"]
 
 SpecSource: TypeAlias = "str | os.PathLike[str] | Mapping[str, Any] | JobSpec"
 """A job spec: the path of a YAML or JSON file, its parsed data (a mapping), or a ``JobSpec``."""
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """Specs already read and validated for new jobs: the jobs' IDs and one spec for each, in order.
+
+    For a caller that validates before it opens a database (the command line: a bad spec must
+    not create one), then submits: ``submit_many`` and ``run`` take it as it is. Each spec's
+    ``{job}`` must already be its ID's first 8 digits (``spec.parse_copies`` does that).
+    """
+
+    job_ids: list[str]
+    """The new jobs' IDs (uuid4().hex), one per spec."""
+    specs: list[JobSpec]
+    """The validated specs, one per job."""
+
+    def __post_init__(self) -> None:
+        if len(self.job_ids) != len(self.specs):
+            raise ValueError(f"{len(self.job_ids)} job IDs but {len(self.specs)} specs")
+
 
 #: The most jobs one submission creates: its one transaction stays short, its specs fit in memory.
 MAX_JOBS = 100_000

@@ -34,14 +34,18 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
-from orchestrator.api import Cancellation, Fabricflow, JobRef, SpecSource
+from orchestrator.api import Cancellation, Fabricflow, JobRef, Prepared, SpecSource
 from orchestrator.domain import Event, Invocation, Job
 from orchestrator.machine import JobState
 
 if TYPE_CHECKING:
+    from orchestrator.config import Settings
     from orchestrator.engine.runner import Observer
+    from orchestrator.orphans import DeleteEvent, Deletion, Orphan
+    from orchestrator.store.overview import Overview
 
 __all__ = ["SyncFabricflow"]
 
@@ -159,6 +163,19 @@ class SyncFabricflow:
             raise
         return cls(flow, loop)
 
+    @classmethod
+    def from_settings(cls, settings: Settings, *, create: bool = True, read_only: bool = False,
+                      announce: bool = False) -> SyncFabricflow:
+        """Open the job database of ``settings`` already loaded (see ``Fabricflow.from_settings``)."""
+        loop = _Loop()
+        try:
+            flow = loop.call(Fabricflow.from_settings(settings, create=create, read_only=read_only,
+                                                      announce=announce))
+        except BaseException:
+            loop.close()
+            raise
+        return cls(flow, loop)
+
     def close(self) -> None:
         """Stop the embedded emulator (if it runs), close the database, end the loop's thread."""
         if self._loop.loop.is_closed():
@@ -196,13 +213,16 @@ class SyncFabricflow:
         """Validate a spec and enqueue it for a daemon; the new job, PENDING."""
         return self._loop.call(self._flow.submit(spec))
 
-    def submit_many(self, specs: Iterable[SpecSource], *, count: int = 1) -> list[str]:
+    def submit_many(self, specs: Iterable[SpecSource] | Prepared, *, count: int = 1) -> list[str]:
         """Validate specs and enqueue ``count`` copies of each in one transaction; their IDs."""
         return self._loop.call(self._flow.submit_many(specs, count=count))
 
-    def run(self, spec: SpecSource, *, observer: Observer | None = None, check: bool = False) -> Job:
+    def run(self, spec: SpecSource | Prepared, *, observer: Observer | None = None, check: bool = False,
+            on_submitted: Callable[[Job], None] | None = None,
+            on_stopped: Callable[[Job], None] | None = None) -> Job:
         """Submit a spec and execute it here; the final job. Ctrl-C stops it at a safe point."""
-        return self._loop.call(self._flow.run(spec, observer=observer, check=check))
+        return self._loop.call(self._flow.run(spec, observer=observer, check=check, on_submitted=on_submitted,
+                                              on_stopped=on_stopped))
 
     def wait(self, job: JobRef, *, check: bool = False) -> Job:
         """Wait until the job has ended; returns it."""
@@ -217,6 +237,28 @@ class SyncFabricflow:
         finally:
             if not self._loop.loop.is_closed():
                 self._loop.call(_close(events))
+
+    def states(self, jobs: Iterable[JobRef]) -> dict[str, JobState]:
+        """The current state of each job, by full ID; a job no longer in the database is absent."""
+        return self._loop.call(self._flow.states(jobs))
+
+    def overview(self, *, limit: int = 5) -> Overview:
+        """One look at how fabricflow is doing: daemons, jobs per state, oldest running, latest failures."""
+        return self._loop.call(self._flow.overview(limit=limit))
+
+    def prune(self, *, older_than: timedelta, dry_run: bool = False, with_resources: bool = False) -> dict[str, Any]:
+        """Remove (``dry_run``: count) the rows of jobs that ended longer ago than ``older_than``."""
+        return self._loop.call(self._flow.prune(older_than=older_than, dry_run=dry_run,
+                                                with_resources=with_resources))
+
+    def find_orphans(self, *, recheck: bool = False, on_start: Callable[[str], None] | None = None) -> list[Orphan]:
+        """Resources carrying a fabricflow marker that no job in this database records."""
+        return self._loop.call(self._flow.find_orphans(recheck=recheck, on_start=on_start))
+
+    def delete_orphans(self, orphans: Sequence[Orphan], *, timeout: float | None = None,
+                       on_event: Callable[[DeleteEvent], None] | None = None) -> list[Deletion]:
+        """Delete the orphans not skipped, each waited until gone; failures in ``Deletion.error``."""
+        return self._loop.call(self._flow.delete_orphans(orphans, timeout=timeout, on_event=on_event))
 
     def get(self, job: JobRef) -> Job:
         """The job, step by step, as last committed."""
@@ -249,9 +291,14 @@ class SyncFabricflow:
         return self._loop.call(self._flow.invoke(job, message, system=system, temperature=temperature,
                                                  max_tokens=max_tokens, top_p=top_p, on_text=on_text))
 
+    def invocable(self, job: JobRef) -> Job:
+        """The job, if ``invoke`` can talk to it: a create job whose service instance is RUNNING."""
+        return self._loop.call(self._flow.invocable(job))
+
     def serve(self, *, stop: threading.Event | None = None, ready: threading.Event | None = None,
               concurrency: int | None = None, metrics_port: int | None = None,
-              metrics_host: str = "127.0.0.1", on_metrics_ready: Callable[[str], None] | None = None) -> None:
+              metrics_host: str = "127.0.0.1", on_metrics_ready: Callable[[str], None] | None = None,
+              on_started: Callable[[str], None] | None = None) -> None:
         """Run submitted jobs until ``stop`` is set (from another thread) or Ctrl-C, then drain.
 
         ``stop`` is also set once the daemon has stopped for any other reason; ``ready`` once it
@@ -267,7 +314,7 @@ class SyncFabricflow:
             try:
                 await self._flow.serve(stop=stop_serving, ready=claiming, concurrency=concurrency,
                                        metrics_port=metrics_port, metrics_host=metrics_host,
-                                       on_metrics_ready=on_metrics_ready)
+                                       on_metrics_ready=on_metrics_ready, on_started=on_started)
             finally:
                 if relay is not None:
                     relay.cancel()

@@ -9,9 +9,11 @@ import os
 import signal
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 
+from aiohttp import web
+from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
@@ -22,7 +24,9 @@ from orchestrator.engine.health import DaemonMetrics, serving
 from orchestrator.engine.runner import Runner
 from orchestrator.errors import UserError
 from orchestrator.logs import get_logger
+from orchestrator.machine import StepState, next_step
 from orchestrator.store import db, ops
+from orchestrator.store.schema import jobs as jobs_table
 from orchestrator.store.jobs import JobStore
 
 log = get_logger(__name__)  # structlog if configured, else stdlib logging: never stdout
@@ -149,15 +153,29 @@ async def heartbeat(store: JobStore, runner: Runner, settings: DaemonSettings,
 class Daemon:
     """Runs jobs until stopped by SIGTERM/SIGINT (or ``stop``)."""
 
+    def _live_page(self, app: web.Application) -> None:
+        """The read-only live page (orchestrator/ui.py) at /ui/ on the metrics port."""
+        from orchestrator import ui
+
+        ui.add_routes(app, self.url)
+
     def __init__(self, store: JobStore, runner: Runner, settings: DaemonSettings, *, url: str,
                  metrics: DaemonMetrics | None = None, metrics_address: tuple[str, int] | None = None,
-                 on_metrics_ready: Callable[[str], None] | None = None) -> None:
+                 on_metrics_ready: Callable[[str], None] | None = None,
+                 routes: Iterable[web.RouteDef] = ()) -> None:
         self.store = store
         self.runner = runner
         self.settings = settings
         self.url = url
         self.metrics = metrics or DaemonMetrics()
+        self.metrics.set_version(_version())
+        # The parts report to the metrics through hooks (none of them imports prometheus_client).
+        if runner.client is not None and getattr(runner.client, "observer", None) is None:
+            runner.client.observer = self.metrics
+        if hasattr(store.writer, "on_batch"):
+            store.writer.on_batch = self.metrics.on_batch
         self.metrics_address = metrics_address
+        self.routes = list(routes)  # extra pages on the metrics port (e.g. a live web page)
         self.on_metrics_ready = on_metrics_ready
         self.owner = runner.owner
         self.tasks: dict[str, asyncio.Task[object]] = {}
@@ -189,7 +207,9 @@ class Daemon:
                     host, port = self.metrics_address
                     await stack.enter_async_context(serving(
                         self.metrics, owner=self.owner, running=lambda: len(self.tasks),
-                        lease_seconds=cfg.lease_seconds, host=host, port=port, on_ready=self.on_metrics_ready))
+                        lease_seconds=cfg.lease_seconds, host=host, port=port, on_ready=self.on_metrics_ready,
+                        probe=self._probe, job_counts=self._job_counts, routes=self.routes,
+                        setup=self._live_page))
                 if db.is_sqlite(self.url):
                     # This process owns the file: a RUNNING job whose holder died (a crashed
                     # daemon or `fabricflow run`) is resumed now, without waiting for its lease.
@@ -251,13 +271,31 @@ class Daemon:
                          "then this daemon takes only new jobs, never another daemon's lapsed ones")
         return False
 
+    async def _probe(self) -> None:
+        """/healthz: the database answers a trivial query."""
+        async with self.store.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def _job_counts(self) -> dict[str, int]:
+        """/metrics: jobs by state, from the database (the truth, whoever runs them)."""
+        async with self.store.engine.connect() as conn:
+            rows = await conn.execute(select(jobs_table.c.state, func.count()).group_by(jobs_table.c.state))
+            return {str(state): int(count) for state, count in rows}
+
     def _spawn(self, job: Job) -> None:
         job_id = job.id
         if job_id in self.tasks:  # already running here; never two runners on one job
             return
+        # A job some step of which has moved before is resumed (``recoveries`` counts this claim too).
+        resumed = any(st.state is not StepState.PENDING for st in job.steps.values())
+        step = next_step({n: st.state for n, st in job.steps.items()}, job.order)
+        log.info("job_resumed" if resumed else "job_claimed", job_id=job_id, step=str(step) if step else None,
+                 recoveries=job.recoveries)
+        self.metrics.claimed(resumed=resumed)
         task = asyncio.create_task(self._run_one(job), name=f"job-{job_id[:8]}")
         self.tasks[job_id] = task
-        task.add_done_callback(lambda _t: (self.tasks.pop(job_id, None), self._wake.set()))
+        task.add_done_callback(lambda _t: (self.tasks.pop(job_id, None), self.metrics.forget(job_id),
+                                           self._wake.set()))
 
     async def _run_one(self, job: Job) -> None:
         job_id = job.id

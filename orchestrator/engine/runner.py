@@ -20,7 +20,7 @@ from orchestrator.config import Settings
 from orchestrator.domain import Job
 from orchestrator.engine.poller import SharedPoller
 from orchestrator.errors import FabricError, NeedsReconcileError, StaleTransition
-from orchestrator.fabric.client import FabricClient
+from orchestrator.fabric.client import FabricClient, last_request_id, retry_reason
 from orchestrator.logs import get_logger
 from orchestrator.machine import (
     Action,
@@ -144,6 +144,7 @@ class Context:
     unproven: bool = True  # this run has not yet had a useful answer from Fabric
     staged: list[StepMove] = field(default_factory=list)
     staged_result: dict[str, Any] | None = None
+    request_ids: dict[int, str] = field(default_factory=dict)  # id(move): Fabric's X-Request-Id, for the log
 
 
 class Runner:
@@ -263,7 +264,7 @@ class Runner:
             await self._sweep(ctx)
             await self.end(ctx, JobEnd(JobState.CANCELLED, f"cancelled at a safe point (at step {step})",
                                        {"error": None}))
-            log.info("job_transitioned", to="CANCELLED")
+            log.info("job_transitioned", to="CANCELLED", step=str(step) if step else None)
             return JobState.CANCELLED
         except Released:
             await self.end(ctx, JobEnd(JobState.PENDING, f"released by {self.owner} (shutting down)"))
@@ -271,7 +272,7 @@ class Runner:
             return JobState.PENDING
         await self._sweep(ctx)
         await self.end(ctx, JobEnd(JobState.SUCCEEDED, "all steps succeeded", {"error": None}))
-        log.info("job_transitioned", to="SUCCEEDED")
+        log.info("job_transitioned", to="SUCCEEDED", step=str(order[-1]) if order else None)
         return JobState.SUCCEEDED
 
     async def _sweep(self, ctx: Context) -> None:
@@ -326,6 +327,10 @@ class Runner:
         """
         move = StepMove(name, src, dst, detail, fields)
         ctx.staged.append(move)
+        request_id = (fields.get("error") or {}).get("request_id") or last_request_id.get()
+        if request_id and dst is not StepState.IN_FLIGHT:  # the answer this transition records
+            ctx.request_ids[id(move)] = request_id
+            last_request_id.set(None)
         if job_result is not None:
             ctx.staged_result = job_result
         if dst in (StepState.SUCCEEDED, StepState.SKIPPED) and not fail_job:
@@ -352,7 +357,7 @@ class Runner:
     def _report(self, ctx: Context, committed: list[StepMove]) -> None:
         for move in committed:
             log.info("step_transitioned", step=str(move.name), **{"from": str(move.expected), "to": str(move.to)},
-                     detail=move.detail)
+                     detail=move.detail, request_id=ctx.request_ids.pop(id(move), None))
             self.observer.on_step(ctx.job, move.name, move.to, move.detail)
 
     async def retry(self, ctx: Context, name: StepName, state: StepState, attempts: int,
@@ -360,6 +365,9 @@ class Runner:
         """The retryable/unknown-outcome edge: bump attempts, record why, back off (a requested
         cancel cuts the back-off short unless ``cancellable`` is False: see ``sleep``)."""
         kind = OutcomeKind.UNKNOWN if isinstance(exc, NeedsReconcileError) else OutcomeKind.RETRYABLE
+        on_retry = getattr(self.observer, "on_retry", None)  # a daemon's metrics
+        if on_retry is not None:
+            on_retry("step", retry_reason(exc))
         now = self.store.clock()
         decision = decide(row_of(ctx.job.kind, name), state, kind, attempts=attempts, now=now,
                           max_attempts=self.settings.attempts_for(name),

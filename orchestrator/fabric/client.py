@@ -7,11 +7,12 @@ HTTP statuses and aiohttp exceptions become ``orchestrator.errors`` only through
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import aiohttp
 import stamina
@@ -57,6 +58,18 @@ OLDEST_FIRST: Mapping[str, FilterValue] = {"sort_by": "CREATE_TIME", "order_by":
 so a create during a listing cannot shift the pages before it (the default, newest first, does)."""
 MAX_INCALL_RETRY_AFTER = 5.0
 """Longest Retry-After (seconds) an in-call read retry sleeps; longer ones go to the engine."""
+
+last_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("fabric_request_id", default=None)
+"""Fabric's X-Request-Id of the last create or invocation this task sent that succeeded (the
+runner logs it with the step transition that records its result, then clears it)."""
+
+
+class RequestObserver(Protocol):
+    """Told of every request (for metrics); called on the event loop, so it must be cheap."""
+
+    def on_request(self, operation: str, status: int | None, seconds: float) -> None: ...
+
+    def on_retry(self, kind: str, reason: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,7 @@ class FabricClient:
         timeouts: Timeouts = Timeouts(),
         read_attempts: int = 3,
         max_in_flight: int = 100,
+        observer: RequestObserver | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.ep_url = (ep_url or base_url).rstrip("/")
@@ -118,6 +132,10 @@ class FabricClient:
         # slot costs a future; a request built and queued inside aiohttp costs kilobytes, which
         # 10,000 jobs all polling after a restart would otherwise hold at the same moment.
         self._slots = asyncio.Semaphore(max_in_flight)
+        self.observer = observer  # a daemon's metrics; settable after construction
+        from orchestrator.logs import register_secrets
+
+        register_secrets(credentials.token, credentials.ak, credentials.sk, credentials.security_token)
 
     def __repr__(self) -> str:
         # Never the credentials themselves: only which kind is configured.
@@ -339,8 +357,13 @@ class FabricClient:
         timeout = aiohttp.ClientTimeout(total=self.timeouts.invoke, sock_connect=self.timeouts.connect,
                                         sock_read=self.timeouts.read)
         acc = ChatAccumulator()
+        observer, started = self.observer, time.perf_counter()
         try:
             async with self._slots, self._send("POST", self.ep_url, path, body=payload, timeout=timeout) as resp:
+                if observer is not None:
+                    observer.on_request("invoke_service_instance", resp.status, time.perf_counter() - started)
+                if resp.status < 400:
+                    last_request_id.set(resp.headers.get("X-Request-Id"))
                 if resp.status >= 400:
                     raise classify(kind="invoke", status=resp.status, body=await resp.read(),
                                    headers=resp.headers, what=what)
@@ -362,6 +385,8 @@ class FabricClient:
         except StreamProtocolError as exc:
             raise TerminalError(f"{what}: malformed stream: {exc}") from None
         except (aiohttp.ClientError, TimeoutError) as exc:
+            if observer is not None and acc.chunk_count == 0:
+                observer.on_request("invoke_service_instance", None, time.perf_counter() - started)
             raise RetryableError(f"{what}: stream interrupted after {acc.chunk_count} chunks "
                                  f"({type(exc).__name__})") from None
         if not acc.done and acc.finish_reason is None:
@@ -458,13 +483,20 @@ class FabricClient:
         query: Sequence[tuple[str, str]] = (), body: dict[str, Any] | None = None,
     ) -> Any:
         if kind == "read":
+            failed: FabricError | None = None
             async for attempt in stamina.retry_context(
                 on=_read_backoff, attempts=self.read_attempts, wait_initial=0.2, wait_max=2.0,
                 timeout=None,
             ):
+                if attempt.num > 1 and self.observer is not None:
+                    self.observer.on_retry("read", retry_reason(failed) if failed is not None else "retryable")
                 with attempt:
-                    return await self._json_once(method, base, path, kind=kind, what=what,
-                                                 query=query, body=body)
+                    try:
+                        return await self._json_once(method, base, path, kind=kind, what=what,
+                                                     query=query, body=body)
+                    except FabricError as exc:
+                        failed = exc
+                        raise
         return await self._json_once(method, base, path, kind=kind, what=what, query=query, body=body)
 
     async def _json_once(
@@ -474,15 +506,22 @@ class FabricClient:
         timeout = None
         if kind == "create":
             timeout = aiohttp.ClientTimeout(total=self.timeouts.create, sock_connect=self.timeouts.connect)
+        observer, started = self.observer, time.perf_counter()
         try:
             async with self._slots, self._send(method, base, path, query=query, body=body,
                                                timeout=timeout) as resp:
                 raw = await resp.read()
+                if observer is not None:
+                    observer.on_request(_operation(what), resp.status, time.perf_counter() - started)
                 if resp.status >= 400:
                     raise classify(kind=kind, status=resp.status, body=raw, headers=resp.headers, what=what)
+                if kind == "create":
+                    last_request_id.set(resp.headers.get("X-Request-Id"))
         except FabricError:
             raise
         except (aiohttp.ClientError, TimeoutError) as exc:
+            if observer is not None:
+                observer.on_request(_operation(what), None, time.perf_counter() - started)
             raise classify(kind=kind, exc=exc, what=what) from None
         if not raw.strip():
             return {}
@@ -514,6 +553,27 @@ class FabricClient:
         if timeout is not None:
             kwargs["timeout"] = timeout
         return self._session.request(method, URL(url, encoded=True), **kwargs)
+
+
+_OPERATIONS: dict[str, str] = {}
+
+
+def _operation(what: str) -> str:
+    """The metrics label of a call: ``list workspaces`` -> ``list_workspaces`` (memoised)."""
+    op = _OPERATIONS.get(what)
+    if op is None:
+        op = _OPERATIONS[what] = what.replace(" ", "_")
+    return op
+
+
+def retry_reason(exc: FabricError) -> str:
+    """A short, low-cardinality reason for a retry: ``http_429``, ``connection`` or ``unknown_outcome``."""
+    from orchestrator.errors import NeedsReconcileError
+
+    if isinstance(exc, NeedsReconcileError):
+        return "unknown_outcome"
+    status = getattr(exc, "status", None)
+    return f"http_{status}" if status else "connection"
 
 
 def _named(name: str) -> Callable[[dict[str, Any]], bool]:

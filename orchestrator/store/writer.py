@@ -21,6 +21,7 @@ import contextlib
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -144,6 +145,8 @@ class SQLiteWriter:
         self._closing = False
         self._sql: dict[str, str] = {}
         self._batches = self._ops = self._statements = 0
+        # Metrics hook: (operations, seconds) of each committed batch; called on the writer thread.
+        self.on_batch: Callable[[int, float], None] | None = None
         self._open_error: BaseException | None = None
         self._thread = threading.Thread(target=self._main, name="fabricflow-writer", daemon=True)
         self._thread.start()
@@ -201,7 +204,10 @@ class SQLiteWriter:
                         conn = self._connect()
                     except BaseException as exc:  # reported to every caller of this batch and later ones
                         self._open_error = exc
+                started = time.perf_counter()
                 results = self._commit(conn, batch)
+                if self.on_batch is not None:
+                    self.on_batch(len(batch), time.perf_counter() - started)
                 by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
                 for (_, future, loop), outcome in zip(batch, results, strict=True):
                     by_loop.setdefault(loop, []).append((future, outcome))
@@ -319,6 +325,7 @@ class PostgresWriter:
         self._closing = False
         self._texts: dict[str, Any] = {}
         self._batches = self._ops = self._statements = 0
+        self.on_batch: Callable[[int, float], None] | None = None  # metrics: (operations, seconds) per batch
 
     def stats(self) -> BatchStats:
         return BatchStats(self._batches, self._ops, self._statements)
@@ -359,6 +366,7 @@ class PostgresWriter:
     async def _commit(self, batch: list[tuple[Any, asyncio.Future[Any]]]) -> None:
         outcomes: list[tuple[bool, Any]] = []
         statements = 0
+        started = time.perf_counter()
         try:
             async with self._engine.begin() as conn:
                 await conn.execute(text("SET LOCAL synchronous_commit = on"))
@@ -382,6 +390,8 @@ class PostgresWriter:
             self._batches += 1
             self._ops += len(batch)
             self._statements += statements
+            if self.on_batch is not None:
+                self.on_batch(len(batch), time.perf_counter() - started)
         _settle([(future, outcome) for (_, future), outcome in zip(batch, outcomes, strict=True)])
 
     def _text(self, sql: str) -> Any:

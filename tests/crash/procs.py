@@ -57,11 +57,11 @@ class Emulator:
         self.url = line.split("listening on ", 1)[1].split()[0]
 
     def stats(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"{self.url}/_emulator/stats", timeout=5) as resp:
+        with urllib.request.urlopen(f"{self.url}/_emulator/stats", timeout=60) as resp:
             return json.loads(resp.read())
 
     def get(self, path: str) -> dict[str, Any]:
-        with urllib.request.urlopen(f"{self.url}{path}", timeout=5) as resp:
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=60) as resp:
             return json.loads(resp.read())
 
     def stop(self) -> None:

@@ -103,6 +103,10 @@ def test_wheel_carries_migrations_config_and_every_module(built, which):
     missing = [f for f in _files(Path("orchestrator")) if f.endswith(".py") and f not in names]
     assert missing == []
     assert "orchestrator/py.typed" in names  # PEP 561: type checkers read the package's annotations
+    # The live page's assets (fabricflow ui): served from the package, nothing from a CDN.
+    assets = [f for f in _files(Path("orchestrator/ui_static"))]
+    assert {Path(f).name for f in assets} >= {"index.html", "app.js", "style.css"}
+    assert [f for f in assets if f not in names] == []
     assert not any(n.startswith(("migrations/", "config/", "tests/")) for n in names)
 
 

@@ -626,6 +626,10 @@ def gather(db: Reader, emulator: Emulator, jobs_submitted: list[str],
         "cloud_faults": {"late_created": stats.get("late_created", 0), "late_pending": stats.get("late_pending", 0),
                          "churn_deleted": stats.get("churn_deleted", 0), "bystanders": len(bystanders)},
         "events": sum(len(e) for e in events.values()),
+        # Extra resources with a job's marker that the engine found and deleted (a late create
+        # beyond the settle window, a create carried out twice): repaired, not left standing.
+        "duplicates_repaired": sum(1 for evs in events.values() for e in evs
+                                   if (e[4] or "").startswith("deleted duplicate ")),
         "engine_saw": engine_observations(db, logs),
         "violations": violations,
     }

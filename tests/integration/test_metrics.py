@@ -1,0 +1,235 @@
+"""What an operator sees of a real daemon process: /metrics, /healthz and its JSON log lines.
+
+The daemon and the emulator are real processes (tests/crash/procs.py). Between them sits a
+byte-for-byte relay that notes each answer's X-Request-Id, so the log's request_id can be
+compared with what Fabric (the emulator) really said.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import json
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import PG_ADMIN_URL, QUICKSTART
+from tests.crash.procs import FABRICFLOW, Emulator, cli, env, query, wait_for
+
+# The client's operation label -> the emulator's handler name, for the creates.
+CREATES = {"create_workspace": "create_workspace", "create_endpoint": "create_endpoint",
+           "create_model": "create_model", "create_service_instance": "create_instance"}
+
+
+class Relay:
+    """An HTTP relay on a loopback port that records (method, path, status, X-Request-Id)."""
+
+    def __init__(self, upstream: str) -> None:
+        self.seen: list[tuple[str, str, int, str | None]] = []
+        relay = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                request = urllib.request.Request(upstream + self.path, data=body, method=self.command,
+                                                 headers=headers)
+                try:
+                    with urllib.request.urlopen(request, timeout=30) as resp:
+                        status, answer, data = resp.status, resp.headers, resp.read()
+                except urllib.error.HTTPError as err:
+                    status, answer, data = err.code, err.headers, err.read()
+                relay.seen.append((self.command, self.path.split("?")[0], status, answer.get("X-Request-Id")))
+                self.send_response(status)
+                for key, value in answer.items():
+                    if key.lower() not in ("transfer-encoding", "content-length", "connection", "date", "server"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_DELETE = do_PUT = _forward
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def start_daemon(db_url: str, fabric_url: str, log: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
+    """`fabricflow daemon --metrics-port 0`, its stderr to ``log``; returns it and its metrics URL."""
+    with open(log, "w") as err:
+        proc = subprocess.Popen([*FABRICFLOW, "daemon", "--db", db_url, "--fabric-url", fabric_url,
+                                 "--metrics-port", "0", *args], stdout=subprocess.DEVNULL, stderr=err, env=env())
+    line = wait_for("the metrics address", lambda: next(
+        (ln for ln in log.read_text().splitlines() if "health and metrics on" in ln), None))
+    return proc, line.split(" on ", 1)[1].split("/healthz")[0]
+
+
+def samples(base: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    return found.get((name, frozenset(labels.items())), 0.0)
+
+
+def health(base: str) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"{base}/healthz", timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_a_finished_job_shows_in_metrics_and_json_logs(tmp_path: Path):
+    emulator = Emulator("--ready-after", "0.2", "--instance-ready-after", "0.2", log=tmp_path / "e.log")
+    relay = Relay(emulator.url)
+    try:
+        db = tmp_path / "jobs.db"
+        url = f"sqlite+aiosqlite:///{db}"
+        job_id = cli("submit", str(QUICKSTART), "--db", url).stdout.strip()
+        log = tmp_path / "d.log"
+        # No --log-level: the daemon's default (info) prints claims, transitions and the job's end.
+        daemon, base = start_daemon(url, relay.url, log, "--log-format", "json")
+        try:
+            wait_for("the job to finish", lambda: query(
+                db, "SELECT state FROM jobs WHERE id=?", job_id)[0][0] == "SUCCEEDED", timeout=90)
+            found = samples(base)
+            status, body = health(base)
+            # The live page is served on the same port (orchestrator/ui.py).
+            with urllib.request.urlopen(f"{base}/ui/api/jobs", timeout=30) as resp:
+                page_jobs = json.loads(resp.read())
+            with urllib.request.urlopen(f"{base}/ui/", timeout=30) as resp:
+                page = resp.read().decode()
+        finally:
+            daemon.send_signal(15)
+            assert daemon.wait(timeout=30) == 0
+        stats = emulator.stats()
+    finally:
+        relay.stop()
+        emulator.stop()
+
+    assert (status, body["status"], body["problems"]) == (200, "ok", [])
+    assert "<html" in page.lower()
+    assert [j["id"] for j in page_jobs["jobs"]] == [job_id] and page_jobs["jobs"][0]["state"] == "SUCCEEDED"
+    # Requests by operation, counted against what the emulator received.
+    requests = {dict(labels)["operation"]: v for (name, labels), v in found.items()
+                if name == "fabricflow_fabric_requests_total"}
+    assert sum(requests.values()) == stats["requests"] == len(relay.seen)
+    for ours, theirs in CREATES.items():
+        assert value(found, "fabricflow_fabric_requests_total", operation=ours, status="200") \
+            + value(found, "fabricflow_fabric_requests_total", operation=ours, status="201") \
+            == stats["operations"][theirs] == 1
+    assert value(found, "fabricflow_fabric_request_duration_seconds_count", operation="create_workspace") == 1
+    assert requests.get("show_endpoint", 0) == stats["operations"].get("show_endpoint", 0) > 0
+    assert value(found, "fabricflow_polls_total", operation="show_endpoint") == requests["show_endpoint"]
+    # Jobs by state come from the database.
+    assert value(found, "fabricflow_jobs", state="SUCCEEDED") == 1
+    assert value(found, "fabricflow_jobs", state="RUNNING") == value(found, "fabricflow_jobs", state="PENDING") == 0
+    assert value(found, "fabricflow_jobs_claimed_total", how="new") == 1
+    assert value(found, "fabricflow_lease_takeovers_total") == 0
+    assert value(found, "fabricflow_step_transitions_total", step="invocation", state="SUCCEEDED") == 1
+    assert value(found, "fabricflow_step_duration_seconds_count", step="endpoint_ready", state="SUCCEEDED") == 1
+    assert value(found, "fabricflow_commit_batch_size_count") > 0
+    assert value(found, "fabricflow_commit_duration_seconds_count") == value(found, "fabricflow_commit_batch_size_count")
+    assert value(found, "fabricflow_heartbeat_age_seconds") >= 0 or value(found, "fabricflow_heartbeat_age_seconds") == -1
+    build = [dict(labels) for (name, labels), _ in found.items() if name == "fabricflow_build_info"]
+    assert len(build) == 1 and build[0]["version"] == version("fabricflow") and build[0]["python"]
+
+    # One JSON line per claim, step transition and job end, each with job_id and step.
+    lines = [json.loads(ln) for ln in log.read_text().splitlines() if ln.startswith("{")]
+    by_event = {}
+    for line in lines:
+        by_event.setdefault(line["event"], []).append(line)
+    [claim] = by_event["job_claimed"]
+    assert (claim["job_id"], claim["step"], claim["level"]) == (job_id, "workspace", "info")
+    [end] = by_event["job_transitioned"]
+    assert (end["job_id"], end["to"], end["step"]) == (job_id, "SUCCEEDED", "invocation")
+    moves = by_event["step_transitioned"]
+    assert all(m["job_id"] == job_id and m["step"] for m in moves)
+    # A create's request_id is the X-Request-Id the emulator answered it with.
+    answered = {path.rsplit("/", 1)[-1]: rid for method, path, st, rid in relay.seen if method == "POST" and st < 300}
+    done = {m["step"]: m for m in moves if m["to"] == "SUCCEEDED"}
+    assert done["workspace"]["request_id"] == answered["workspaces"]
+    assert done["model"]["request_id"] == answered["models"]
+    assert done["service_instance"]["request_id"] == answered["instances"]
+    assert done["invocation"]["request_id"] == answered["invocations"]
+    assert len(set(answered.values())) == len(answered)  # four different requests
+
+
+async def test_healthz_says_503_while_the_database_does_not_answer(tmp_path: Path, pg_url: str):
+    name = pg_url.rsplit("/", 1)[1]
+    cli("db", "upgrade", "--db", pg_url)
+    emulator = Emulator(log=tmp_path / "e.log")
+    admin = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
+    daemon = None
+    try:
+        daemon, base = await asyncio.to_thread(start_daemon, pg_url, emulator.url, tmp_path / "d.log")
+        status, body = await asyncio.to_thread(health, base)
+        assert (status, body["status"]) == (200, "ok")
+        # The database goes away: no new connections, the daemon's current ones cut.
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
+        deadline = time.monotonic() + 60  # a safety net: the first probe after the cut already fails
+        while True:
+            status, body = await asyncio.to_thread(health, base)
+            if status == 503 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        assert status == 503 and body["status"] == "unhealthy"
+        assert any(p.startswith("database not answering") for p in body["problems"]), body
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        deadline = time.monotonic() + 60
+        while True:
+            status, body = await asyncio.to_thread(health, base)
+            if status == 200 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        assert (status, body["problems"]) == (200, [])
+    finally:
+        if daemon is not None:
+            daemon.send_signal(15)
+            await asyncio.to_thread(daemon.wait, 30)
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        await admin.close()
+        emulator.stop()
+
+
+@pytest.mark.parametrize("given", [None, "warning"])
+def test_the_daemons_default_level_is_info(tmp_path: Path, given: str | None):
+    emulator = Emulator(log=tmp_path / "e.log")
+    try:
+        log = tmp_path / "d.log"
+        url = f"sqlite+aiosqlite:///{tmp_path / 'jobs.db'}"
+        daemon, _ = start_daemon(url, emulator.url, log, "--log-format", "json",
+                                 *(["--log-level", given] if given else []))
+        daemon.send_signal(15)
+        assert daemon.wait(timeout=30) == 0
+    finally:
+        emulator.stop()
+    events = [json.loads(ln)["event"] for ln in log.read_text().splitlines() if ln.startswith("{")]
+    assert ("daemon_started" in events) is (given is None)
