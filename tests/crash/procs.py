@@ -7,6 +7,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import threading
 import sys
 import time
 import urllib.request
@@ -55,6 +56,17 @@ class Emulator:
             self.stop()
             raise RuntimeError(f"emulator did not start: {line!r}")
         self.url = line.split("listening on ", 1)[1].split()[0]
+        # The rest of its stderr goes to the log file: left in the pipe, a long run's output (an
+        # aiohttp warning per connection that a killed daemon left) fills it and blocks the emulator.
+        self._drain = threading.Thread(target=self._copy_stderr, name="emulator-stderr", daemon=True)
+        self._drain.start()
+
+    def _copy_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        with open(self.log, "a") as out:
+            for line in self.proc.stderr:
+                out.write(line)
+                out.flush()
 
     def stats(self) -> dict[str, Any]:
         with urllib.request.urlopen(f"{self.url}/_emulator/stats", timeout=60) as resp:
@@ -72,6 +84,9 @@ class Emulator:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        drain = getattr(self, "_drain", None)  # absent when it failed to start
+        if drain is not None:
+            drain.join(timeout=10)
         if self.proc.stderr:
             self.proc.stderr.close()
 
