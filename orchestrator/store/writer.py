@@ -312,6 +312,21 @@ class SQLiteWriter:
             return stop.value, count
 
 
+#: Runs of one operation when PostgreSQL picks it as a deadlock victim (or a serialization
+#: failure): the standard remedy is to run it again, and each operation is its own
+#: compare-and-set, whose effects the rollback undid.
+TRANSIENT_ATTEMPTS = 4
+_TRANSIENT_SQLSTATES = frozenset({"40P01", "40001"})  # deadlock_detected, serialization_failure
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for a PostgreSQL error that running the same transaction again may not meet."""
+    for err in (exc, getattr(exc, "orig", None)):
+        if err is not None and (getattr(err, "sqlstate", None) or getattr(err, "pgcode", None)) in _TRANSIENT_SQLSTATES:
+            return True
+    return "deadlock detected" in str(exc)
+
+
 class PostgresWriter:
     """The PostgreSQL writer: an asyncio task that commits batches on one pooled connection."""
 
@@ -334,10 +349,16 @@ class PostgresWriter:
         if self._closing:
             raise RuntimeError("the store is closed")
         if urgent:  # its own connection and transaction: never behind the queue
-            async with self._engine.begin() as conn:
-                await conn.execute(text("SET LOCAL synchronous_commit = on"))
-                value, _ = await self._drive(conn, op)
-                return value
+            for attempt in range(1, TRANSIENT_ATTEMPTS + 1):
+                try:
+                    async with self._engine.begin() as conn:
+                        await conn.execute(text("SET LOCAL synchronous_commit = on"))
+                        value, _ = await self._drive(conn, op)
+                        return value
+                except Exception as exc:
+                    if not (is_transient(exc) and attempt < TRANSIENT_ATTEMPTS):
+                        raise
+            raise AssertionError("unreachable")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.append((op, future))
         if self._task is None or self._task.done():
@@ -374,16 +395,20 @@ class PostgresWriter:
                     if future.cancelled():
                         outcomes.append((False, None))
                         continue
-                    savepoint = await conn.begin_nested()
-                    try:
-                        value, count = await self._drive(conn, op_factory)
-                        statements += count
-                    except Exception as exc:  # noqa: BLE001 - fails only this operation's caller
-                        await savepoint.rollback()
-                        outcomes.append((False, exc))
-                    else:
-                        await savepoint.commit()
-                        outcomes.append((True, value))
+                    for attempt in range(1, TRANSIENT_ATTEMPTS + 1):
+                        savepoint = await conn.begin_nested()
+                        try:
+                            value, count = await self._drive(conn, op_factory)
+                            statements += count
+                        except Exception as exc:  # noqa: BLE001 - fails only this operation's caller
+                            await savepoint.rollback()
+                            if is_transient(exc) and attempt < TRANSIENT_ATTEMPTS:
+                                continue  # a deadlock victim: its effects are undone, run it again
+                            outcomes.append((False, exc))
+                        else:
+                            await savepoint.commit()
+                            outcomes.append((True, value))
+                        break
         except Exception as exc:  # noqa: BLE001 - the commit failed: every caller learns it
             outcomes = [(False, exc)] * len(batch)
         else:

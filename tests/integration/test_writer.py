@@ -113,3 +113,39 @@ async def test_heartbeats_jump_the_queue_of_transitions(db_url, spec_data, monke
         assert seen[0] <= 100, seen
     finally:
         await store.close()
+
+
+async def test_a_deadlock_victim_is_run_again_not_failed(spec_data):
+    """PostgreSQL picks one transaction of a deadlock as its victim; the writer runs that
+    operation again (its savepoint undid it) instead of failing its caller (a job_crashed)."""
+    from sqlalchemy import text
+
+    from orchestrator.store.writer import Sql, is_transient
+
+    async with fresh_pg_database() as url:
+        store = await JobStore.open(url, auto_upgrade=True)
+        try:
+            x, y = await running_jobs(store, spec_data, 2)
+            runs = []
+
+            def both(_dialect):  # locks Y, then waits for X, which the other connection holds
+                runs.append(1)
+                yield Sql("UPDATE jobs SET name = name WHERE id = :id", {"id": y})
+                if len(runs) == 1:
+                    holding.set()
+                yield Sql("UPDATE jobs SET name = name WHERE id = :id", {"id": x})
+
+            holding = asyncio.Event()
+            async with store.engine.connect() as other:
+                trans = await other.begin()
+                await other.execute(text("UPDATE jobs SET name = name WHERE id = :id"), {"id": x})
+                write = asyncio.create_task(store.writer.run(both))
+                await asyncio.wait_for(holding.wait(), 30)
+                await asyncio.sleep(0.2)  # the writer is now waiting for X (it waited first)
+                await other.execute(text("UPDATE jobs SET name = name WHERE id = :id"), {"id": y})
+                await trans.commit()
+                await asyncio.wait_for(write, 60)
+            assert len(runs) == 2  # the writer was the victim, and its operation ran again
+        finally:
+            await store.close()
+    assert is_transient(RuntimeError("deadlock detected")) and not is_transient(RuntimeError("no"))
