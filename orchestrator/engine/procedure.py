@@ -203,16 +203,15 @@ async def _look(rt: Runner, ctx: Context, name: StepName, ops: CreateStep, state
 
 
 async def repair(rt: Runner, ctx: Context, name: StepName, ops: CreateStep, request_name: str, *,
-                 keep: str, matches: list[Found] | None = None) -> None:
+                 keep: str) -> None:
     """Delete every resource named ``request_name`` that carries this job's marker, except
     ``keep`` (the recorded one): duplicates a cloud carried out behind the engine's back."""
-    if matches is None:
-        try:
-            matches = await ops.find(rt.client, ctx.job, request_name, False)
-        except FabricError as exc:
-            await rt.store.note(ctx.job.id, f"could not look for duplicates of {ops.kind} {keep}: {exc.message}; "
-                                "`fabricflow orphans` finds any", step=name)
-            return
+    try:
+        matches = await ops.find(rt.client, ctx.job, request_name, False)
+    except FabricError as exc:
+        await rt.store.note(ctx.job.id, f"could not look for duplicates of {ops.kind} {keep}: {exc.message}; "
+                            "`fabricflow orphans` finds any", step=name)
+        return
     extras = [m for m in matches if _extra(m, keep, ctx.job.id)]
     if extras:
         await _delete_extras(rt, ctx, name, ops, request_name, extras, keep)
