@@ -186,6 +186,26 @@ def _has_rich() -> bool:
 # --- the library's loggers ----------------------------------------------------------------
 
 
+class bound:  # noqa: N801 - used as ``with bound(job_id=...)``, like structlog's own
+    """Bind context variables (``job_id``, ``step``) to every event logged inside the block.
+
+    structlog's ``bound_contextvars`` does the same as a generator-based context manager, which
+    keeps a suspended generator frame alive for the whole block: per waiting job, for hours.
+    """
+
+    __slots__ = ("_values", "_tokens")
+
+    def __init__(self, **values: Any) -> None:
+        self._values = values
+        self._tokens: dict[str, Any] = {}
+
+    def __enter__(self) -> None:
+        self._tokens = structlog.contextvars.bind_contextvars(**self._values)
+
+    def __exit__(self, *exc_info: object) -> None:
+        structlog.contextvars.reset_contextvars(**self._tokens)
+
+
 def get_logger(name: str) -> LibraryLogger:
     """The logger a fabricflow module logs through (``log = get_logger(__name__)``)."""
     return LibraryLogger(name)

@@ -286,11 +286,32 @@ def backoff(
     return ceiling * jitter
 
 
+def poll_interval(polls: int, *, initial: float, cap: float) -> float:
+    """The interval before poll ``polls + 1``, without jitter: ``initial`` doubling to ``cap``."""
+    exponent = min(max(0, polls - 1), 64)
+    return min(cap, initial * (2.0**exponent))
+
+
 def poll_delay(polls: int, *, initial: float, cap: float, rng: random.Random | None = None) -> float:
     """The wait before the next status poll: ``initial`` doubling to ``cap``, jitter only added.
 
     Unlike ``backoff``, jitter never shortens the wait (up to a quarter longer): the configured
     interval is a floor, so a resource is never read more often than configured.
     """
-    exponent = min(max(0, polls - 1), 64)
-    return min(cap, initial * (2.0**exponent)) * (rng or random).uniform(1.0, 1.25)
+    return poll_interval(polls, initial=initial, cap=cap) * (rng or random).uniform(1.0, 1.25)
+
+
+def polls_made(elapsed: float, *, initial: float, cap: float) -> int:
+    """How many polls the schedule (without its jitter) has made ``elapsed`` seconds into a wait.
+
+    A wait resumed after a restart goes on from there instead of starting its ramp again: after
+    an hour of waiting, the next poll comes at the cap's pace, not after one second, two, four.
+    """
+    polls, spent = 0, 0.0
+    while True:
+        step = poll_interval(polls, initial=initial, cap=cap)  # the gap before poll polls + 1
+        if spent + step > elapsed:
+            return polls
+        if step >= cap:  # at the cap from here on: the rest is arithmetic
+            return polls + int((elapsed - spent) // cap)
+        polls, spent = polls + 1, spent + step

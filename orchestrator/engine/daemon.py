@@ -213,9 +213,10 @@ class Daemon:
                 if db.is_sqlite(self.url):
                     # This process owns the file: a RUNNING job whose holder died (a crashed
                     # daemon or `fabricflow run`) is resumed now, without waiting for its lease.
-                    for job in await self.store.reclaim_all(self.owner, lease=cfg.lease_seconds,
-                                                            is_dead=is_dead, max_runs=cfg.max_recoveries):
-                        self._spawn(job)
+                    async for batch in self.store.reclaim_batches(self.owner, lease=cfg.lease_seconds,
+                                                                  is_dead=is_dead, max_runs=cfg.max_recoveries):
+                        for job in batch:
+                            self._spawn(job)
                 log.info("daemon_started", owner=self.owner, database=db.describe(self.url))
                 if ready is not None:
                     ready.set()

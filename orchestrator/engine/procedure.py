@@ -30,7 +30,7 @@ from orchestrator.fabric.client import FabricClient
 from orchestrator.logs import get_logger
 from orchestrator.fabric.models import RUNNING
 from orchestrator.spec import JobSpec, Reuse
-from orchestrator.machine import ROWS, Action, StepName, StepState, poll_delay
+from orchestrator.machine import ROWS, Action, StepName, StepState, poll_delay, poll_interval, polls_made
 from orchestrator.plan import check_first_create
 
 if TYPE_CHECKING:
@@ -318,18 +318,13 @@ async def reuse(rt: Runner, ctx: Context, name: StepName, ops: CreateStep, resou
 
 async def wait(rt: Runner, ctx: Context, name: StepName, ops: PollStep) -> None:
     """Poll the resource until RUNNING; fail on a failed status or at the step's timeout."""
-    assert ctx.spec is not None
     job = ctx.job
     source = job.step(ops.source)
     resource_id = source.resource_id
     assert resource_id is not None
     step = job.step(name)
     state, attempts, last = step.state, step.attempts, step.resource_status or source.resource_status
-    timeouts = ctx.spec.timeouts
-    timeout = timeouts.endpoint_ready if name is StepName.ENDPOINT_READY else timeouts.service_ready
-    poll = ctx.spec.polling
-    initial = poll.initial if poll and poll.initial else rt.settings.poll_initial
-    cap = poll.max if poll and poll.max else rt.settings.poll_max
+    timeout, initial, cap = _wait_settings(rt, ctx, name)
     fresh = state is StepState.PENDING
     if fresh:
         await rt.move(ctx, name, state, StepState.WAITING, f"waiting for {ops.kind} {resource_id} "
@@ -340,27 +335,43 @@ async def wait(rt: Runner, ctx: Context, name: StepName, ops: PollStep) -> None:
         started = step.started_at or rt.store.clock()
     deadline = started + timedelta(seconds=timeout)
     key = (ops.kind, resource_id)
+    ctx.shelve()  # the wait reads no more of the spec, and may last for minutes
     try:
-        left = max(0.0, (deadline - rt.store.clock()).total_seconds())
+        now = rt.store.clock()
+        left = max(0.0, (deadline - now).total_seconds())
+        polls = 0
         if fresh and last != RUNNING:
             # Just created and reported not yet RUNNING: asking again at once would only say so again.
             await rt.sleep(ctx, min(initial, left))
         elif not fresh:
-            # Resumed (a restart takes over every waiting job at once): spread the first polls
-            # over one interval rather than sending thousands of GETs in the same instant.
-            await rt.sleep(ctx, min(rt.rng.uniform(0.0, initial), left))
+            # Resumed (a restart takes over every waiting job at once): the schedule goes on where
+            # it was, and the first poll is spread over the interval it had reached, rather than
+            # thousands of GETs in the same instant, or a fresh ramp of 1 s, 2 s, 4 s for each.
+            polls = polls_made(max(0.0, (now - started).total_seconds()), initial=initial, cap=cap)
+            spread = poll_interval(polls, initial=initial, cap=cap)
+            await rt.sleep(ctx, min(rt.rng.uniform(0.0, spread), left))
         await _poll_until_running(rt, ctx, name, ops, key, state=state, attempts=attempts, last=last,
-                                  started=started, deadline=deadline, initial=initial, cap=cap)
+                                  started=started, deadline=deadline, initial=initial, cap=cap, polls=polls)
     finally:
         rt.poller.forget(key)  # the wait is over, whatever its outcome
 
 
+def _wait_settings(rt: Runner, ctx: Context, name: StepName) -> tuple[float, float, float]:
+    """The wait's timeout and poll interval (initial, cap) from the spec, as plain numbers: the
+    wait holds no part of the spec, which it shelves."""
+    assert ctx.spec is not None
+    timeouts, poll = ctx.spec.timeouts, ctx.spec.polling
+    timeout = timeouts.endpoint_ready if name is StepName.ENDPOINT_READY else timeouts.service_ready
+    initial = poll.initial if poll and poll.initial else rt.settings.poll_initial
+    cap = poll.max if poll and poll.max else rt.settings.poll_max
+    return timeout, initial, cap
+
+
 async def _poll_until_running(rt: Runner, ctx: Context, name: StepName, ops: PollStep, key: tuple[str, str], *,
                               state: StepState, attempts: int, last: str | None, started: datetime,
-                              deadline: datetime, initial: float, cap: float) -> None:
+                              deadline: datetime, initial: float, cap: float, polls: int) -> None:
     job = ctx.job
     resource_id = key[1]
-    polls = 0
     while True:
         slept = False
         try:

@@ -18,6 +18,9 @@ from orchestrator.store import ops
 from orchestrator.store.schema import jobs
 from orchestrator.store.writer import Dialect, Op, Sql
 
+#: Most jobs taken over per transaction when a daemon starts on a SQLite file.
+RECLAIM_BATCH = 500
+
 if TYPE_CHECKING:
     from orchestrator.store.jobs import JobStore
 
@@ -71,13 +74,31 @@ class LeaseMixin:
     async def reclaim_all(
         self: JobStore, owner: str, *, lease: float, is_dead: Callable[[str], bool], max_runs: int = 10,
     ) -> list[Job]:
+        """Take every RUNNING job whose holder is gone (``reclaim_batches``, all at once)."""
+        return [job async for batch in self.reclaim_batches(owner, lease=lease, is_dead=is_dead,
+                                                            max_runs=max_runs) for job in batch]
+
+    async def reclaim_batches(
+        self: JobStore, owner: str, *, lease: float, is_dead: Callable[[str], bool], max_runs: int = 10,
+        size: int = RECLAIM_BATCH,
+    ) -> AsyncIterator[list[Job]]:
         """Take every RUNNING job whose holder is gone: its lease expired, or ``is_dead(owner)``.
 
         SQLite start-up: the previous daemon's process is known dead at once (same machine), so
         recovery does not wait for its leases to expire; a live ``fabricflow run`` keeps its job.
+        One transaction per ``size`` jobs, each batch yielded as soon as it is committed: the
+        caller starts those jobs while the next batch is read, and ten thousand snapshots, each
+        with its raw spec, are never all in memory at once.
         """
-        return await self._writer.run(ops.reclaim(owner, lease=lease, max_runs=max_runs, at=self.clock(),
-                                                  is_dead=is_dead), urgent=True)
+        taken: set[str] = set()
+        more = True
+        while more:
+            batch, more = await self._writer.run(ops.reclaim(
+                owner, lease=lease, max_runs=max_runs, at=self.clock(), is_dead=is_dead, limit=size,
+                skip=taken), urgent=True)
+            taken.update(job.id for job in batch)
+            if batch:
+                yield batch
 
     async def renew(self: JobStore, job_id: str, owner: str, *, lease: float) -> None:
         """Extend one job's lease, or raise StaleTransition if ``owner`` no longer holds it.

@@ -319,16 +319,19 @@ def claim(owner: str, *, limit: int, lease: float, max_runs: int, at: datetime,
     return op
 
 
-def reclaim(owner: str, *, lease: float, max_runs: int, at: datetime,
-            is_dead: Callable[[str], bool]) -> Callable[[Dialect], Op[list[Job]]]:
-    """Take every RUNNING job whose holder is gone: its lease expired, or ``is_dead(owner)``."""
+def reclaim(owner: str, *, lease: float, max_runs: int, at: datetime, is_dead: Callable[[str], bool],
+            limit: int, skip: Iterable[str] = ()) -> Callable[[Dialect], Op[tuple[list[Job], bool]]]:
+    """Take up to ``limit`` RUNNING jobs whose holder is gone (its lease expired, or
+    ``is_dead(owner)``), none of ``skip``; return their snapshots and whether more are left."""
+    skipped = set(skip)
 
-    def op(d: Dialect) -> Op[list[Job]]:
+    def op(d: Dialect) -> Op[tuple[list[Job], bool]]:
         found = yield Sql("SELECT id, state, lease_owner, recoveries, (lease_expires_at IS NULL OR "
-                          "lease_expires_at < {now}) AS lapsed FROM jobs WHERE state = 'RUNNING'")
-        rows = [r for r in found.rows if r["lease_owner"] is None or r["lease_owner"] == owner
-                or r["lapsed"] or is_dead(r["lease_owner"])]
-        return (yield from claim_rows(rows, owner, lease=lease, max_runs=max_runs, at=at))
+                          "lease_expires_at < {now}) AS lapsed FROM jobs WHERE state = 'RUNNING' ORDER BY id")
+        rows = [r for r in found.rows if r["id"] not in skipped and (
+            r["lease_owner"] is None or r["lease_owner"] == owner or r["lapsed"] or is_dead(r["lease_owner"]))]
+        taken = yield from claim_rows(rows[:limit], owner, lease=lease, max_runs=max_runs, at=at)
+        return taken, len(rows) > limit
 
     return op
 

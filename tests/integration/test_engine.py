@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
+from sqlalchemy import update
 
 from orchestrator.domain import ownership_marker
 from orchestrator.engine.runner import EngineSettings, Runner
 from orchestrator.fabric.client import FabricClient
 from orchestrator.machine import JobState, StepName, StepState
 from orchestrator.store.jobs import JobStore
+from orchestrator.store.schema import steps
 from tests.conftest import make_spec
 
 FAST = EngineSettings(poll_initial=0.05, poll_max=0.2, max_attempts=6, backoff_base=0.01, backoff_cap=0.05,
@@ -140,6 +143,38 @@ async def test_in_flight_step_found_on_recovery_is_adopted(store, emulator, spec
     assert job.state is JobState.SUCCEEDED
     assert job.steps[StepName.WORKSPACE].resource_id == orphan
     created_once(await stats(emulator.url), spec_data)
+
+
+async def test_a_resumed_wait_polls_at_the_pace_it_had_reached(store, emulator_factory, spec_data):
+    """An hour into a wait, a restart does not start the 0.01 s, 0.02 s, 0.04 s... ramp again."""
+    emu = await emulator_factory(ready_after=3600, instance_ready_after=0.1)
+    job = await store.submit(make_spec(spec_data, timeouts={"endpoint_ready": "3h"}))
+    await store.claim(job.id, OWNER, lease=30)
+    async with FabricClient(emu.url) as client:
+        ws = await client.create_workspace({"name": spec_data["workspace"]["name"]})
+        ep = await client.create_endpoint(ws.id, {**spec_data["endpoint"], "description": "x"})
+    for name, resource in ((StepName.WORKSPACE, ws.id), (StepName.ENDPOINT, ep.id)):
+        await store.move_step(job.id, OWNER, name, expected=StepState.PENDING, to=StepState.IN_FLIGHT,
+                              detail="intent")
+        await store.move_step(job.id, OWNER, name, expected=StepState.IN_FLIGHT, to=StepState.SUCCEEDED,
+                              detail="made by the test", resource_id=resource)
+    await store.move_step(job.id, OWNER, StepName.ENDPOINT_READY, expected=StepState.PENDING,
+                          to=StepState.WAITING, detail="waiting", resource_id=ep.id, resource_status="CREATING")
+    async with store.engine.begin() as conn:  # the wait began an hour ago
+        await conn.execute(update(steps).where(steps.c.job_id == job.id, steps.c.name == "endpoint_ready")
+                           .values(started_at=datetime.now(UTC) - timedelta(hours=1)))
+    before = (await stats(emu.url))["operations"].get("show_endpoint", 0)
+    paced = EngineSettings(**{**FAST.__dict__, "poll_initial": 0.01, "poll_max": 0.4})
+    async with FabricClient(emu.url) as client:
+        runner = Runner(store, client, owner=OWNER, settings=paced)
+        task = asyncio.create_task(runner.run(job.id))
+        await asyncio.sleep(1.2)
+        runner.stop.set()
+        assert await task is JobState.PENDING  # released at the safe point
+    polls = (await stats(emu.url))["operations"].get("show_endpoint", 0) - before
+    # At the cap's pace: a first poll spread over 0.4 s, then one per 0.4-0.5 s, so at most 4 in
+    # 1.2 s (a slow machine only makes fewer); starting the ramp again would make 8 or more.
+    assert 1 <= polls <= 4, polls
 
 
 async def test_wait_times_out_with_last_status(store, emulator_factory, spec_data):

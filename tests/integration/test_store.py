@@ -50,6 +50,19 @@ async def test_reclaim_all_takes_every_running_job_at_start_up(store, spec_data)
     assert "recovered by fresh (previous owner dead)" in (await store.events(a.id))[-1].detail
 
 
+async def test_reclaim_batches_take_each_job_once_in_transactions_of_the_batch_size(store, spec_data):
+    dead = [await store.submit(make_spec(spec_data, name=f"d{i}")) for i in range(5)]
+    await store.claim_next("dead", limit=5, lease=3600)
+    live = await store.submit(make_spec(spec_data, name="live"), owner="live-run", lease=3600)
+    batches = [ids(b) async for b in store.reclaim_batches("fresh", lease=30, is_dead=lambda o: o == "dead",
+                                                           size=2)]
+    assert [len(b) for b in batches] == [2, 2, 1]
+    assert sorted(i for b in batches for i in b) == sorted(j.id for j in dead)
+    assert (await store.get(live.id)).lease_owner == "live-run"
+    for job in dead:  # one "recovered by" event each: nobody was taken twice
+        assert [e.detail for e in await store.events(job.id)].count("recovered by fresh (previous owner dead)") == 1
+
+
 async def test_heartbeat_renews_only_the_owners_leases(store, spec_data):
     mine = await store.submit(make_spec(spec_data, name="mine"))
     theirs = await store.submit(make_spec(spec_data, name="theirs"))

@@ -23,6 +23,8 @@ from orchestrator.machine import (
     StepName,
     StepState,
     backoff,
+    poll_interval,
+    polls_made,
     check_job_edge,
     check_step_edge,
     decide,
@@ -476,3 +478,22 @@ def test_backoff_capped_for_large_attempts():
 
 def test_backoff_capped_for_huge_attempts():
     assert 15.0 <= backoff(1100, rng=random.Random(0)) <= 30.0
+
+
+# --- a resumed wait goes on with its polling schedule ------------------------------------------
+
+
+def test_polls_made_follows_the_schedule_to_its_cap():
+    # Polls at 1, 2, 4, 8, 16, 32 s, then every 30 s (initial 1 s doubling, cap 30 s).
+    times, t = [], 0.0
+    for polls in range(10):
+        t += poll_interval(polls, initial=1, cap=30)
+        times.append(t)
+    assert times == [1, 2, 4, 8, 16, 32, 62, 92, 122, 152]
+    for polls, at in enumerate(times, start=1):
+        assert polls_made(at, initial=1, cap=30) == polls
+        assert polls_made(at - 0.01, initial=1, cap=30) == polls - 1
+    assert polls_made(0, initial=1, cap=30) == 0
+    assert polls_made(3600, initial=1, cap=30) == 6 + (3600 - 32) // 30
+    # An hour into a wait, the next poll comes at the cap's pace, not after one second.
+    assert poll_interval(polls_made(3600, initial=1, cap=30), initial=1, cap=30) == 30
