@@ -2,6 +2,7 @@
 
     python benchmarks/store_paths.py
     python benchmarks/store_paths.py --transitions 20000 --callers 200 --batch 200
+    python benchmarks/store_paths.py --paths sqlite3_per_commit fabricflow_writer  # some paths only
 
 One step transition is what the runner commits most: a compare-and-set of a step under the
 lease, the job's update and an ``events`` row (three statements). Each path commits the same
@@ -171,6 +172,9 @@ async def writer(path: Path, ids: list[str], n: int, callers: int) -> int:
     return commits
 
 
+PATHS = ("sqlite3_per_commit", "sqlalchemy_core_thread", "aiosqlite_batch", "sqlite3_thread", "fabricflow_writer")
+
+
 def measure(name: str, run: Any, n: int) -> dict[str, Any]:
     cpu, wall = time.process_time(), time.perf_counter()
     commits = run()
@@ -183,11 +187,14 @@ def measure(name: str, run: Any, n: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--transitions", type=int, default=20000)
-    parser.add_argument("--per-commit", type=int, default=1000, help="transitions of the per-commit path")
+    parser.add_argument("--per-commit", type=int, default=5000,
+                        help="transitions of the per-commit path (about a second: shorter runs swing with the noise)")
     parser.add_argument("--batch", type=int, default=200)
     parser.add_argument("--callers", type=int, default=200)
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--dir", help="directory for the database files (default: a temporary one)")
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS), metavar="PATH",
+                        help=f"run only these paths (of {', '.join(PATHS)}); the ratios need sqlite3_per_commit")
     args = parser.parse_args()
     n = args.transitions
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -195,24 +202,23 @@ def main() -> None:
             path = Path(tmp) / f"{name}.db"
             return path, asyncio.run(prepare(path, args.jobs))
 
+        runs: dict[str, tuple[Any, int]] = {
+            "sqlite3_per_commit": (lambda p, i: per_commit(p, i, args.per_commit), args.per_commit),
+            "sqlalchemy_core_thread": (lambda p, i: sqlalchemy_core(p, i, n, args.batch), n),
+            "aiosqlite_batch": (lambda p, i: asyncio.run(aiosqlite_batch(p, i, n, args.batch)), n),
+            "sqlite3_thread": (lambda p, i: sqlite3_batched(p, i, n, args.batch), n),
+            "fabricflow_writer": (lambda p, i: asyncio.run(writer(p, i, n, args.callers)), n),
+        }
         results: dict[str, Any] = {}
-        path, ids = fresh("per_commit")
-        results["sqlite3_per_commit"] = measure("sqlite3_per_commit", lambda: per_commit(path, ids, args.per_commit),
-                                                args.per_commit)
-        path, ids = fresh("core")
-        results["sqlalchemy_core_thread"] = measure(
-            "sqlalchemy_core_thread", lambda: sqlalchemy_core(path, ids, n, args.batch), n)
-        path, ids = fresh("aiosqlite")
-        results["aiosqlite_batch"] = measure(
-            "aiosqlite_batch", lambda: asyncio.run(aiosqlite_batch(path, ids, n, args.batch)), n)
-        path, ids = fresh("sqlite3")
-        results["sqlite3_thread"] = measure("sqlite3_thread", lambda: sqlite3_batched(path, ids, n, args.batch), n)
-        path, ids = fresh("writer")
-        results["fabricflow_writer"] = measure(
-            "fabricflow_writer", lambda: asyncio.run(writer(path, ids, n, args.callers)), n)
-    ceiling = results["sqlite3_per_commit"]["transitions_per_s"]
-    for result in results.values():
-        result["x_per_commit"] = round(result["transitions_per_s"] / ceiling, 1)
+        for name in PATHS:
+            if name in args.paths:
+                run, count = runs[name]
+                path, ids = fresh(name)
+                results[name] = measure(name, lambda run=run, path=path, ids=ids: run(path, ids), count)
+    if "sqlite3_per_commit" in results:
+        ceiling = results["sqlite3_per_commit"]["transitions_per_s"]
+        for result in results.values():
+            result["x_per_commit"] = round(result["transitions_per_s"] / ceiling, 1)
     print(json.dumps({"benchmark": "store_paths", "synchronous": "FULL", "batch": args.batch,
                       "callers": args.callers, "results": results}, indent=2))
 
