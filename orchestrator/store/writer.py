@@ -19,11 +19,12 @@ import asyncio
 import collections
 import contextlib
 import json
+import re
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
@@ -37,26 +38,47 @@ T = TypeVar("T")
 MAX_BATCH = 2000
 
 
-@dataclass(frozen=True, slots=True)
 class Sql:
     """One statement of an operation: SQL text with ``:name`` parameters.
 
     ``many`` runs it once per parameter dict. In the text, ``{now}`` is the database's clock
     (PostgreSQL's ``now()``; on SQLite the one process that owns the file) and ``{until}`` is
     that clock plus the ``lease`` parameter in seconds.
+
+    ``defer`` marks a plain ``INSERT INTO ... VALUES`` whose result the operation does not read
+    (an ``events`` row): the SQLite writer may hold its rows back and insert those of the whole
+    batch in one ``executemany`` before COMMIT, and answers at once with the rows it will insert.
+
+    A plain slotted class, not a dataclass: an operation makes several per transition, and a
+    frozen dataclass's ``__init__`` (``object.__setattr__`` per field) cost three times as much.
+    Treat it as immutable all the same.
     """
 
-    text: str
-    params: dict[str, Any] = field(default_factory=dict)
-    many: list[dict[str, Any]] | None = None
+    __slots__ = ("text", "params", "many", "defer")
+
+    def __init__(self, text: str, params: dict[str, Any] | None = None,
+                 many: list[dict[str, Any]] | None = None, *, defer: bool = False) -> None:
+        self.text = text
+        self.params: dict[str, Any] = {} if params is None else params
+        self.many = many
+        self.defer = defer
+
+    def __repr__(self) -> str:
+        return f"Sql({self.text!r}, {self.params!r}, many={self.many!r}, defer={self.defer!r})"
 
 
-@dataclass(frozen=True, slots=True)
 class Result:
-    """What a statement did: rows changed, and rows returned as dicts."""
+    """What a statement did: rows changed, and rows returned as dicts (a slotted class for the
+    same reason as ``Sql``; treat it as immutable)."""
 
-    rowcount: int
-    rows: list[dict[str, Any]]
+    __slots__ = ("rowcount", "rows")
+
+    def __init__(self, rowcount: int, rows: list[dict[str, Any]]) -> None:
+        self.rowcount = rowcount
+        self.rows = rows
+
+    def __repr__(self) -> str:
+        return f"Result({self.rowcount!r}, {self.rows!r})"
 
 
 Op = Generator[Sql, Result, T]
@@ -98,13 +120,15 @@ def sqlite_timestamp(value: datetime) -> str:
     return value.isoformat(" ", "microseconds")[:-6]
 
 
-def _sqlite_params(params: dict[str, Any], extra: dict[str, Any], memo: dict[datetime, str]) -> dict[str, Any]:
-    out = dict(extra)
+def _sqlite_params(params: dict[str, Any], memo: dict[datetime, str]) -> dict[str, Any]:
+    """``params`` with the values sqlite3 cannot bind as they are converted; ``params`` itself
+    (not a copy) when there are none, which the caller must then not change."""
+    out = None
     for key, value in params.items():
         kind = type(value)
         if kind is str or kind is int or value is None:  # the most common: bound as they are
-            pass
-        elif kind is datetime:
+            continue
+        if kind is datetime:
             text = memo.get(value)
             if text is None:
                 text = memo[value] = sqlite_timestamp(value)
@@ -115,8 +139,12 @@ def _sqlite_params(params: dict[str, Any], extra: dict[str, Any], memo: dict[dat
             # A StrEnum member (a state, a step name): sqlite3 binds its text, but only after
             # looking for an adapter and a __conform__ method; the plain str skips that.
             value = str.__str__(value)
+        else:
+            continue  # float, bytes, bool: bound as they are
+        if out is None:
+            out = params.copy()
         out[key] = value
-    return out
+    return params if out is None else out
 
 
 def _pg_value(value: Any) -> Any:
@@ -144,14 +172,18 @@ class SQLiteWriter:
         self._path = path
         self._clock = clock
         self._timeout = timeout
-        self._cond = threading.Condition()
+        # run() takes the plain lock (a C context manager) and signals the condition only when
+        # the writer thread sleeps on it: when busy, it looks at the queues before sleeping again.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._idle = False  # the writer thread waits on _cond (read and written under _lock)
         self._urgent: collections.deque[tuple[Any, asyncio.Future[Any], asyncio.AbstractEventLoop]] = (
             collections.deque())
         self._normal: collections.deque[tuple[Any, asyncio.Future[Any], asyncio.AbstractEventLoop]] = (
             collections.deque())
         self._closing = False
-        # Each statement text as SQLite runs it, and whether it needs the :until parameter.
-        self._sql: dict[str, tuple[str, bool]] = {}
+        # Each statement text as SQLite runs it: see _render.
+        self._sql: dict[str, _Rendered] = {}
         self._batches = self._ops = self._statements = 0
         # Metrics hook: (operations, seconds) of each committed batch; called on the writer thread.
         self.on_batch: Callable[[int, float], None] | None = None
@@ -165,11 +197,12 @@ class SQLiteWriter:
     async def run(self, op: Callable[[Dialect], Op[T]], *, urgent: bool = False) -> T:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        with self._cond:
+        with self._lock:
             if self._closing:
                 raise RuntimeError("the store is closed")
             (self._urgent if urgent else self._normal).append((op, future, loop))
-            self._cond.notify()
+            if self._idle:
+                self._cond.notify()
         return await future
 
     async def close(self) -> None:
@@ -198,7 +231,9 @@ class SQLiteWriter:
             while True:
                 with self._cond:
                     while not self._urgent and not self._normal and not self._closing:
+                        self._idle = True
                         self._cond.wait()
+                        self._idle = False
                     if not self._urgent and not self._normal:
                         return  # closing, nothing left
                     batch = []
@@ -226,10 +261,10 @@ class SQLiteWriter:
             if conn is not None:
                 conn.close()
 
-    def _render(self, sql: str) -> tuple[str, bool]:
+    def _render(self, sql: str) -> _Rendered:
         rendered = self._sql.get(sql)
         if rendered is None:
-            rendered = self._sql[sql] = (sql.format(**_SQLITE_TOKENS), "{until}" in sql)
+            rendered = self._sql[sql] = _Rendered(sql)
         return rendered
 
     def _commit(self, conn: sqlite3.Connection | None, batch: list[Any]) -> list[tuple[bool, Any]]:
@@ -239,6 +274,14 @@ class SQLiteWriter:
         changed a row (a compare-and-set that missed, the usual case) needs no undo. One that
         fails after changing rows rolls the whole transaction back; the batch then runs again
         without it, so it still fails alone.
+
+        Deferred statements (``Sql.defer``: the events rows) are held in ``pending`` and
+        inserted, one ``executemany`` per statement, before COMMIT: a transition then costs one
+        round of Python fewer. Each operation's rows join ``pending`` as it runs and are cut off
+        again if it fails, so a failed operation leaves none behind. If the held rows fail to
+        insert (a constraint: say an event for a job that does not exist), nobody can tell which
+        operation they came from: the transaction is rolled back and the batch runs again with
+        every statement run at once, as it is yielded, which fails only the offender.
         """
         if conn is None:
             error = _wrap(self._open_error or RuntimeError("no connection"), "connect")
@@ -247,8 +290,9 @@ class SQLiteWriter:
         # One clock reading for the whole batch: {now} is formatted once, and the text of each
         # datetime parameter is kept for the batch (its statements and operations share them).
         now = self._clock()
-        extra = {"now": sqlite_timestamp(now)}
+        now_text = sqlite_timestamp(now)
         memo: dict[datetime, str] = {}
+        defer = True
         while True:
             try:
                 conn.execute("BEGIN IMMEDIATE")
@@ -256,6 +300,7 @@ class SQLiteWriter:
                 return [(False, _wrap(exc, "BEGIN IMMEDIATE"))] * len(batch)
             cursor = conn.cursor()  # one for the batch: conn.execute would make one per statement
             outcomes: list[tuple[bool, Any]] = []
+            pending: _Pending | None = _Pending() if defer else None
             statements = 0
             rerun = False
             try:
@@ -264,8 +309,12 @@ class SQLiteWriter:
                         outcomes.append((False, failed[i]))
                         continue
                     changes = conn.total_changes
+                    held = len(pending.rows) if pending is not None else 0
                     try:
-                        value, count = self._drive(cursor, op_factory, now, extra, memo)
+                        value, count = self._drive(cursor, op_factory, now, now_text, memo, pending)
+                    except _FlushFailed:  # pending.failed: run the batch again, deferring nothing
+                        rerun = True
+                        break
                     except Exception as exc:  # noqa: BLE001 - this caller's own error, e.g. StaleTransition
                         error = _wrap(exc, "operation")
                         if not conn.in_transaction:  # the driver ended the transaction: all of it fails
@@ -274,12 +323,24 @@ class SQLiteWriter:
                             failed[i] = error
                             rerun = True
                             break
+                        if pending is not None:
+                            # Nothing changed, so nothing was flushed meanwhile (a flush inserts at
+                            # least one row): the rows held since ``held`` are this operation's.
+                            pending.cut(held)
                         outcomes.append((False, error))
                     else:
                         statements += count
                         outcomes.append((True, value))
+                if not rerun and pending is not None and pending.rows:
+                    try:
+                        pending.flush(cursor)
+                    except sqlite3.Error:
+                        rerun = True
                 if rerun:
-                    conn.execute("ROLLBACK")
+                    if pending is not None and pending.failed:
+                        defer = False  # run again with no statement held back: see the docstring
+                    with contextlib.suppress(sqlite3.Error):  # a failed flush may have ended it
+                        conn.execute("ROLLBACK")
                     continue
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
@@ -291,38 +352,147 @@ class SQLiteWriter:
             self._statements += statements
             return outcomes
 
-    def _drive(self, cursor: sqlite3.Cursor, op_factory: Any, now: datetime, extra: dict[str, Any],
-               memo: dict[datetime, str]) -> tuple[Any, int]:
+    def _drive(self, cursor: sqlite3.Cursor, op_factory: Any, now: datetime, now_text: str,
+               memo: dict[datetime, str], pending: _Pending | None) -> tuple[Any, int]:
+        # This loop runs for every statement of every caller: each call and lookup saved in it
+        # is worth keeping (binding is inlined, the clock parameters are the rare case).
         gen = op_factory(self)
+        send = gen.send
+        rendered_sql = self._sql
         count = 0
         try:
             sql = next(gen)
             while True:
                 count += 1
-                query, until = self._render(sql.text)
+                rendered = rendered_sql.get(sql.text) or self._render(sql.text)
+                query, clock, table = rendered.query, rendered.clock, rendered.table
                 many = sql.many
+                if pending is not None:
+                    if table is not None and sql.defer:
+                        # Inserted before COMMIT, or the batch runs again without deferring: each
+                        # row of a plain INSERT ... VALUES inserts one row or fails the batch.
+                        rows = [_sqlite_params(sql.params, memo)] if many is None else [
+                            _sqlite_params(p, memo) for p in many]
+                        if clock:
+                            rows = [_clocked(b, p, rendered, now, now_text)
+                                    for b, p in zip(rows, many or [sql.params], strict=True)]
+                        if rows:  # (none held empty: a flush then always changes rows, see _commit)
+                            pending.hold(query, table, rows)
+                        sql = send(Result(len(rows), []))
+                        continue
+                    if pending.rows and pending.touched_by(query):
+                        # It may read, change or depend on the held rows: insert them first.
+                        try:
+                            pending.flush(cursor)
+                        except sqlite3.Error as exc:
+                            raise _FlushFailed from exc
                 if many is not None and len(many) != 1:
-                    rows_in = [_sqlite_params(p, extra, memo) for p in many]
-                    if until:
-                        for p, original in zip(rows_in, many, strict=True):
-                            p["until"] = sqlite_timestamp(now + timedelta(seconds=float(original["lease"])))
-                    cursor.executemany(query, rows_in)
+                    rows = [_sqlite_params(p, memo) for p in many]
+                    if clock:
+                        rows = [_clocked(b, p, rendered, now, now_text) for b, p in zip(rows, many, strict=True)]
+                    cursor.executemany(query, rows)
                     result = Result(cursor.rowcount, [])
                 else:
                     single = sql.params if many is None else many[0]
-                    params = _sqlite_params(single, extra, memo)
-                    if until:
-                        params["until"] = sqlite_timestamp(now + timedelta(seconds=float(single["lease"])))
-                    cursor.execute(query, params)
+                    bound = _sqlite_params(single, memo)
+                    if clock:
+                        bound = _clocked(bound, single, rendered, now, now_text)
+                    cursor.execute(query, bound)
                     if cursor.description is not None:
                         names = [d[0] for d in cursor.description]
                         result = Result(cursor.rowcount, [dict(zip(names, r, strict=True))
                                                           for r in cursor.fetchall()])
                     else:
                         result = Result(cursor.rowcount, [])
-                sql = gen.send(result)
+                sql = send(result)
         except StopIteration as stop:
             return stop.value, count
+
+
+def _clocked(bound: dict[str, Any], params: dict[str, Any], rendered: _Rendered, now: datetime,
+             now_text: str) -> dict[str, Any]:
+    """``bound`` with the batch's clock (``:now``) and a lease's end (``:until``) added."""
+    if bound is params:
+        bound = dict(params)
+    if rendered.uses_now:
+        bound["now"] = now_text
+    if rendered.until:
+        bound["until"] = sqlite_timestamp(now + timedelta(seconds=float(params["lease"])))
+    return bound
+
+
+class _Rendered:
+    """A statement's text as SQLite runs it, which clock parameters it needs (``clock``: any),
+    and, for a plain ``INSERT INTO ... VALUES`` (which may be deferred), the table it fills."""
+
+    __slots__ = ("query", "uses_now", "until", "clock", "table")
+
+    def __init__(self, text: str) -> None:
+        self.query = text.format(**_SQLITE_TOKENS)
+        self.uses_now = ":now" in self.query
+        self.until = "{until}" in text
+        self.clock = self.uses_now or self.until
+        self.table = _inserts_into(self.query)
+
+
+_PLAIN_INSERT = re.compile(r"\s*INSERT\s+INTO\s+(\w+)\s*\([^()]*\)\s*VALUES\s*\([^()]*\)\s*", re.IGNORECASE)
+
+
+def _inserts_into(query: str) -> str | None:
+    """The table of a plain ``INSERT INTO t (...) VALUES (...)``: no OR IGNORE, ON CONFLICT,
+    SELECT or RETURNING, so each parameter row inserts exactly one row or raises; else None."""
+    match = _PLAIN_INSERT.fullmatch(query)
+    return match.group(1) if match else None
+
+
+class _FlushFailed(Exception):
+    """Held rows failed to insert while an operation ran: not that operation's error."""
+
+
+class _Pending:
+    """The deferred rows of a batch, in the order they were yielded."""
+
+    __slots__ = ("rows", "tables", "failed")
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, list[dict[str, Any]]]] = []  # (query, its parameter rows)
+        self.tables: set[str] = set()
+        self.failed = False
+
+    def hold(self, query: str, table: str, rows: list[dict[str, Any]]) -> None:
+        self.rows.append((query, rows))
+        self.tables.add(table)
+
+    def cut(self, held: int) -> None:
+        """Forget the rows held since there were ``held`` (a failed operation's)."""
+        del self.rows[held:]
+
+    def touched_by(self, query: str) -> bool:
+        # A statement naming a table with held rows (even as a substring: flushing early is
+        # only slower) must see them. Others cannot: the held rows are only ever inserted.
+        for table in self.tables:
+            if table in query:
+                return True
+        return False
+
+    def flush(self, cursor: sqlite3.Cursor) -> None:
+        """Insert the held rows, consecutive ones of the same statement in one executemany."""
+        try:
+            held, i = self.rows, 0
+            while i < len(held):
+                query, rows = held[i]
+                i += 1
+                if i < len(held) and held[i][0] == query:
+                    rows = list(rows)
+                    while i < len(held) and held[i][0] == query:
+                        rows += held[i][1]
+                        i += 1
+                cursor.executemany(query, rows)
+        except sqlite3.Error:
+            self.failed = True
+            raise
+        self.rows = []
+        self.tables = set()
 
 
 #: Runs of one operation when PostgreSQL picks it as a deadlock victim (or a serialization
@@ -446,6 +616,7 @@ class PostgresWriter:
             while True:
                 count += 1
                 statement = self._text(sql.text)
+                # Sql.defer is only a permission to defer: each statement runs here as it is yielded.
                 if sql.many is not None:
                     if not sql.many:
                         result = Result(0, [])
