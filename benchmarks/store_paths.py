@@ -15,8 +15,9 @@ transitions of the same jobs on a fresh file, in one process, on the same disk, 
 - ``fabricflow_writer``: the store's group-commit writer, ``--callers`` concurrent callers each
   awaiting its own compare-and-set, batches formed by whatever queued during the last commit.
 
-Prints one JSON object: per path, transitions per second, CPU microseconds per transition (all
-threads), commits, and the ratio of each to the per-commit ceiling.
+Every path runs under the daemon's garbage collection settings (``orchestrator.process.tune_gc``;
+``--default-gc`` keeps CPython's). Prints one JSON object: per path, transitions per second, CPU
+microseconds per transition (all threads), commits, and the ratio of each to the per-commit ceiling.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from orchestrator.machine import StepName, StepState  # noqa: E402
+from orchestrator.process import tune_gc  # noqa: E402
 from orchestrator.spec import parse_spec  # noqa: E402
 from orchestrator.store import ops  # noqa: E402
 from orchestrator.store.jobs import JobStore  # noqa: E402
@@ -195,7 +197,12 @@ def main() -> None:
     parser.add_argument("--dir", help="directory for the database files (default: a temporary one)")
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS), metavar="PATH",
                         help=f"run only these paths (of {', '.join(PATHS)}); the ratios need sqlite3_per_commit")
+    parser.add_argument("--default-gc", action="store_true",
+                        help="keep CPython's garbage collection settings (default: the daemon's, "
+                             "orchestrator.process.tune_gc, for every path alike)")
     args = parser.parse_args()
+    if not args.default_gc:
+        tune_gc()
     n = args.transitions
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         def fresh(name: str) -> tuple[Path, list[str]]:
@@ -220,6 +227,7 @@ def main() -> None:
         for result in results.values():
             result["x_per_commit"] = round(result["transitions_per_s"] / ceiling, 1)
     print(json.dumps({"benchmark": "store_paths", "synchronous": "FULL", "batch": args.batch,
+                      "gc": "default" if args.default_gc else "daemon (tune_gc)",
                       "callers": args.callers, "results": results}, indent=2))
 
 

@@ -417,6 +417,9 @@ def daemon(ctx: click.Context, concurrency: int | None, metrics_port: int | None
 
     async def go() -> None:
         flow = await open_flow(settings, create=True)
+        from orchestrator.process import tune_gc
+
+        tune_gc()  # this process is the daemon: started, it allocates mostly short-lived objects
         try:
             await flow.serve(
                 concurrency=concurrency or None, metrics_host=metrics_host, metrics_port=metrics_port,
