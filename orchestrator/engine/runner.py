@@ -15,7 +15,6 @@ from datetime import datetime, timedelta
 from collections.abc import Callable
 from typing import Any, Protocol
 
-
 from orchestrator.config import Settings
 from orchestrator.domain import Job
 from orchestrator.engine.poller import SharedPoller

@@ -9,6 +9,7 @@ parameter ``:ids`` seen as rows, and ``{skip_locked}`` PostgreSQL's row locking 
 
 from __future__ import annotations
 
+import itertools
 import json
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -364,8 +365,11 @@ def reclaim(owner: str, *, lease: float, max_runs: int, at: datetime, is_dead: C
     def op(d: Dialect) -> Op[tuple[list[Job], bool]]:
         found = yield Sql("SELECT id, state, lease_owner, recoveries, (lease_expires_at IS NULL OR "
                           "lease_expires_at < {now}) AS lapsed FROM jobs WHERE state = 'RUNNING' ORDER BY id")
-        rows = [r for r in found.rows if r["id"] not in skipped and (
-            r["lease_owner"] is None or r["lease_owner"] == owner or r["lapsed"] or is_dead(r["lease_owner"]))]
+        # One past the limit is enough to know whether more are left: ``is_dead`` (a system
+        # call) is asked of at most that many rows per batch, not of every RUNNING job each time.
+        rows = list(itertools.islice((r for r in found.rows if r["id"] not in skipped and (
+            r["lease_owner"] is None or r["lease_owner"] == owner or r["lapsed"] or is_dead(r["lease_owner"]))),
+            limit + 1))
         taken = yield from claim_rows(rows[:limit], owner, lease=lease, max_runs=max_runs, at=at)
         return taken, len(rows) > limit
 
