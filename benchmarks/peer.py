@@ -24,11 +24,16 @@ itself is kept under ``reported``.
 
 Per engine: jobs_per_s, cpu_ms_per_job (whole process, interpreter start included),
 run_cpu_ms_per_job (fabricflow: from its first claim on; DBOS: its own figure, from enqueue on),
-peak_rss_mb, seconds, requests_per_job (the emulator's count), failed, duplicates (names the
+peak_rss_mb, seconds, requests_per_job (the emulator's count) and operations_per_job (the same
+count by Fabric operation: creates, lists, status reads, invocations), emulator_cpu_ms_per_job
+(the emulator process's CPU during the engine's turn, per job: the two share the machine's
+cores), failed, duplicates (names the
 emulator saw created more than once), write_commits_per_job (SQLAlchemy commits that wrote, the
 peer's ``--count-db`` method, in both engines; fabricflow's include its submission commits as
 DBOS's include its enqueue commits; off with ``--no-count-db``) and, for fabricflow,
-events_per_job (rows of its events log, the submission's included).
+events_per_job (rows of its events log, the submission's included) and step_seconds (the median
+time of each step, from its events, and of the whole job from its claim: the least a job can
+take here, at the emulator's readiness and streaming delays, whatever the engine).
 Prints one JSON object; progress goes to stderr. Everything stays on 127.0.0.1.
 """
 
@@ -48,6 +53,8 @@ import tempfile
 import textwrap
 import time
 import urllib.request
+from collections.abc import Iterable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +256,7 @@ def emulator_counts(stats: dict[str, Any], jobs: int) -> dict[str, Any]:
     created = stats["created"]
     return {
         "requests_per_job": round(stats["requests"] / jobs, 2),
+        "operations_per_job": {op: round(count / jobs, 2) for op, count in sorted(stats.get("operations", {}).items())},
         "duplicates": sum(count > 1 for names in created.values() for count in names.values()),
         "created": {kind: len(names) for kind, names in created.items()},
     }
@@ -306,6 +314,28 @@ async def submit_all(db_url: str, jobs: int) -> None:
             await store.submit(spec)
     finally:
         await store.close()
+
+
+def step_seconds(events: Iterable[tuple[str, str, str | None, str | None]]) -> dict[str, float]:
+    """Median seconds of each part of a job, from its events: from the claim (or the end of the
+    step before) to each step's success, and ``job``, from the claim to the job's end. Where a
+    job spends its time, and so the least it can take, whatever the engine."""
+    def at(text: str) -> float:
+        return datetime.fromisoformat(text.replace(" ", "T")).timestamp()
+
+    parts: dict[str, list[float]] = {}
+    started: dict[str, float] = {}
+    last: dict[str, float] = {}
+    for job_id, when, step, to_state in events:
+        t = at(when)
+        if step is None and to_state == "RUNNING" and job_id not in started:
+            started[job_id] = last[job_id] = t
+        elif job_id in last and step is not None and to_state == "SUCCEEDED":
+            parts.setdefault(step, []).append(t - last[job_id])
+            last[job_id] = t
+        elif job_id in started and step is None and to_state == "SUCCEEDED":
+            parts.setdefault("job", []).append(t - started[job_id])
+    return {name: round(statistics.median(values), 3) for name, values in parts.items()}
 
 
 def run_fabricflow(args: argparse.Namespace, emulator: Emulator, workdir: Path, tag: str,
@@ -372,6 +402,7 @@ def run_fabricflow(args: argparse.Namespace, emulator: Emulator, workdir: Path, 
         by_state = dict(db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
         events = db.execute("SELECT count(*) FROM events").fetchone()[0]
         results = [row[0] for row in db.execute("SELECT result FROM jobs WHERE state = 'SUCCEEDED'")]
+        timeline = step_seconds(db.execute("SELECT job_id, at, step, to_state FROM events ORDER BY id"))
     no_reply = sum(1 for text in results if not (json.loads(text) if text else {}).get("reply"))
     cpu_s = daemon.cpu_s()
     result: dict[str, Any] = {
@@ -381,10 +412,12 @@ def run_fabricflow(args: argparse.Namespace, emulator: Emulator, workdir: Path, 
         "run_cpu_ms_per_job": round(1000 * (cpu_s - first_claim_cpu) / n, 2) if first_claim_cpu is not None else None,
         "peak_rss_mb": round(daemon.peak_rss_mb(), 1),
         "requests_per_job": emu["requests_per_job"],
+        "operations_per_job": emu["operations_per_job"],
         "failed": by_state.get("FAILED", 0) + by_state.get("CANCELLED", 0),
         "duplicates": emu["duplicates"],
         "succeeded": by_state.get("SUCCEEDED", 0), "empty_text": no_reply,
         "events_per_job": round(events / n, 2),
+        "step_seconds": timeline,
         "cpu_s": round(cpu_s, 2),
         "first_claim_after_s": round(first_claim_at - daemon.started, 3) if first_claim_at else None,
         "process_seconds": round(daemon.ended - daemon.started, 3) if daemon.ended else None,
@@ -467,6 +500,7 @@ def run_dbos(args: argparse.Namespace, emulator: Emulator, workdir: Path, tag: s
         "run_cpu_ms_per_job": reported["cpu_ms_per_job"],
         "peak_rss_mb": round(peer.peak_rss_mb(), 1),
         "requests_per_job": emu["requests_per_job"],
+        "operations_per_job": emu["operations_per_job"],
         "failed": n - reported["succeeded"],
         "duplicates": emu["duplicates"],
         "succeeded": reported["succeeded"], "empty_text": reported.get("empty_text"),
@@ -484,7 +518,8 @@ def run_dbos(args: argparse.Namespace, emulator: Emulator, workdir: Path, tag: s
 # --- the run -------------------------------------------------------------------------------------
 
 SUMMARY = ("jobs_per_s", "cpu_ms_per_job", "run_cpu_ms_per_job", "peak_rss_mb", "seconds",
-           "requests_per_job", "failed", "duplicates", "write_commits_per_job", "events_per_job")
+           "requests_per_job", "emulator_cpu_ms_per_job", "failed", "duplicates", "write_commits_per_job",
+           "events_per_job")
 RATIOS = ("jobs_per_s", "cpu_ms_per_job", "run_cpu_ms_per_job", "peak_rss_mb")
 
 
@@ -505,6 +540,10 @@ def summarize(reps: list[dict[str, Any]], engines: list[str]) -> dict[str, Any]:
         runs = [rep[engine] for rep in reps if "error" not in rep.get(engine, {"error": 1})]
         out[engine] = {key: median_of([r.get(key) for r in runs]) for key in SUMMARY
                        if any(key in r for r in runs)}
+        ops = sorted({op for r in runs for op in r.get("operations_per_job", {})})
+        if ops:
+            out[engine]["operations_per_job"] = {op: median_of([r["operations_per_job"].get(op, 0) for r in runs])
+                                                 for op in ops}
         out[engine]["runs"] = len(runs)
     if len(engines) == 2:
         with_ratio = [rep["ratio"] for rep in reps if rep.get("ratio")]
@@ -542,10 +581,15 @@ def main(args: argparse.Namespace) -> int:
                 for engine in order:
                     log(f"rep {r + 1}/{args.reps}: {engine}, {args.jobs} jobs, concurrency {args.concurrency} ...")
                     try:
+                        emulator_cpu = emulator.child.live_cpu_s()
                         if engine == "fabricflow":
                             rep[engine] = run_fabricflow(args, emulator, workdir, f"r{r + 1}", counter)
                         else:
                             rep[engine] = run_dbos(args, emulator, workdir, f"r{r + 1}")
+                        emulator_after = emulator.child.live_cpu_s()
+                        if emulator_cpu is not None and emulator_after is not None:
+                            rep[engine]["emulator_cpu_ms_per_job"] = round(
+                                (emulator_after - emulator_cpu) * 1000 / args.jobs, 2)
                         log(f"  {engine}: {rep[engine]['jobs_per_s']} jobs/s, "
                             f"{rep[engine]['cpu_ms_per_job']} ms CPU/job, failed {rep[engine]['failed']}")
                     except (RuntimeError, OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:
