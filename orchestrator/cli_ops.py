@@ -143,8 +143,9 @@ def waiting_for(job: Job, current: Current, now: datetime) -> str:
         return "every step done; finishing"
     step = job.steps[current.step]
     text = f"{current.step} {step.state}"
-    what = str(current.resource_kind or "")
     action = row_of(job.kind, current.step).action
+    # The invocation's row names no resource kind of its own: it streams from the instance.
+    what = str(current.resource_kind or ("service_instance" if action is Action.INVOKE else ""))
     took = f" for {age(_seconds(now - step.started_at))}" if step.started_at else ""
     if step.state is StepState.WAITING:
         status = latest_status(job, current.step) or "status unknown"
@@ -153,7 +154,7 @@ def waiting_for(job: Job, current: Current, now: datetime) -> str:
         target = (f"{step.request_name!r}" if action is Action.CREATE and step.request_name
                   else current.resource_id or "")
         verb = {Action.CREATE: "creating", Action.DELETE: "deleting", Action.INVOKE: "streaming from"}.get(action)
-        text += f", {verb or 'calling'} {what} {target}".rstrip() + took
+        text += ", " + " ".join(part for part in (verb or "calling", what, target) if part) + took
     if current.retry_at is not None and current.retry_at > now:
         text += f", attempt {step.attempts + 1} in {age(_seconds(current.retry_at - now))}"
         if step.error:

@@ -75,3 +75,15 @@ def test_waiting_lines_give_each_steps_elapsed_time_and_latest_status():
     minutes = job(service_ready=step("service_ready", StepState.WAITING, "CREATING", started=185))
     assert waiting_lines(minutes, NOW) == ["service_ready     WAITING    3m05s, status CREATING"]
     assert waiting_lines(job(), NOW) == []  # nothing in progress: nothing to say
+
+
+def test_status_says_what_an_invocation_in_flight_streams_from():
+    from orchestrator.cli_ops import waiting_for
+    from orchestrator.store.overview import current_of
+
+    streaming = job(service_instance=step("service_instance", StepState.SUCCEEDED, "RUNNING"),
+                    invocation=step("invocation", StepState.IN_FLIGHT, started=3))
+    for name in ("workspace", "endpoint", "endpoint_ready", "model", "service_ready"):
+        streaming.steps[StepName(name)] = step(name, StepState.SUCCEEDED)
+    assert waiting_for(streaming, current_of(streaming, {}), NOW) == (
+        "invocation IN_FLIGHT, streaming from service_instance r1 for 3s")
