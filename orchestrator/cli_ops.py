@@ -42,9 +42,10 @@ def status(ctx: click.Context, limit: int, as_json: bool) -> None:
 
     \b
     daemons    every daemon not stopped, and those stopped in the last 24 hours:
-               alive (a heartbeat within its lease time), stale (none since: crashed,
-               hung or cut off from the database; its jobs are taken over when their
-               leases lapse) or stopped; how long since its heartbeat; the jobs it holds
+               alive (a heartbeat within its lease time, and on this machine its process
+               still there), stale (none since: crashed, hung or cut off from the
+               database, or its process gone; its jobs are taken over when their leases
+               lapse) or stopped; how long since its heartbeat; the jobs it holds
     jobs       how many are in each state
     running    the oldest running jobs, each with its current step and what it waits for
     failures   the latest failed jobs with their error code and message

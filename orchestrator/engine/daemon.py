@@ -25,6 +25,7 @@ from orchestrator.engine.runner import Runner
 from orchestrator.errors import UserError
 from orchestrator.logs import get_logger
 from orchestrator.machine import StepState, next_step
+from orchestrator.process import is_dead
 from orchestrator.store import db, ops
 from orchestrator.store.schema import jobs as jobs_table
 from orchestrator.store.jobs import JobStore
@@ -45,21 +46,6 @@ def _version() -> str:
         return version("fabricflow")
     except PackageNotFoundError:  # run from a checkout that was never installed
         return "unknown"
-
-
-def is_dead(owner: str) -> bool:
-    """True when ``owner`` names a process of this machine that no longer exists."""
-    host, _, rest = owner.partition(":")
-    pid_text = rest.partition(":")[0]
-    if host != socket.gethostname()[:32] or not pid_text.isdigit():
-        return False  # another machine's process: only its lease expiry tells
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # exists, owned by another user
-    return False
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from typing import Any
 
 from orchestrator.domain import Job, Step
 from orchestrator.machine import JobState, ResourceKind, StepName, row_of
+from orchestrator.process import is_dead
 from orchestrator.store.readonly import as_utc, job_from_row
 
 Fetch = Callable[[str, dict[str, Any]], Awaitable[Sequence[Mapping[str, Any]]]]
@@ -27,8 +28,9 @@ RECENTLY_STOPPED = timedelta(hours=24)
 
 @dataclass(frozen=True, slots=True)
 class DaemonRow:
-    """One daemon of the registry, judged at ``now``: alive (a heartbeat within its lease time),
-    stale (none since: crashed, hung or cut off from the database) or stopped (cleanly)."""
+    """One daemon of the registry, judged at ``now``: alive (a heartbeat within its lease time,
+    and its process there if it is of this machine), stale (none since: crashed, hung or cut off
+    from the database; or its process gone) or stopped (cleanly)."""
 
     owner: str
     host: str
@@ -40,13 +42,15 @@ class DaemonRow:
     stopped_at: datetime | None
     jobs_held: int
     heartbeat_age: float  # seconds
+    gone: bool = False  # its process no longer exists on this machine (killed, crashed)
 
     @property
     def state(self) -> str:
-        """alive, stale or stopped."""
+        """alive, stale or stopped. A daemon of this machine whose process is gone is stale at
+        once, as the next daemon's takeover judges it, not only when its lease is over."""
         if self.stopped_at is not None:
             return STOPPED
-        return ALIVE if self.heartbeat_age <= self.lease_seconds else STALE
+        return ALIVE if self.heartbeat_age <= self.lease_seconds and not self.gone else STALE
 
     def as_json(self) -> dict[str, Any]:
         """The daemon object of ``status --json``."""
@@ -113,12 +117,14 @@ def _daemon(row: Mapping[str, Any], now: datetime) -> DaemonRow:
     heartbeat_at = as_utc(row["heartbeat_at"])
     started_at = as_utc(row["started_at"])
     assert heartbeat_at is not None and started_at is not None
+    stopped_at = as_utc(row["stopped_at"])
     return DaemonRow(
         owner=row["owner"], host=row["host"], pid=row["pid"], version=row["version"],
         lease_seconds=float(row["lease_seconds"]), started_at=started_at, heartbeat_at=heartbeat_at,
-        stopped_at=as_utc(row["stopped_at"]), jobs_held=row["jobs_held"],
+        stopped_at=stopped_at, jobs_held=row["jobs_held"],
         # Another machine's clock may run a little ahead of this one's.
         heartbeat_age=max(0.0, (now - heartbeat_at).total_seconds()),
+        gone=stopped_at is None and is_dead(row["owner"]),
     )
 
 

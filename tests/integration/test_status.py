@@ -280,7 +280,8 @@ def test_status_reads_sqlite_without_sqlalchemy_alembic_or_aiohttp(tmp_path):
 def test_status_help_teaches_what_it_shows():
     result = subprocess.run([sys.executable, "-m", "orchestrator", "status", "--help"], capture_output=True,
                             text=True, env=env(), timeout=60, check=True)
-    for words in ("alive (a heartbeat within its lease time)", "stale", "--limit N", "--json"):
+    for words in ("alive (a heartbeat within its lease time, and on this machine its process", "stale",
+                  "--limit N", "--json"):
         assert words in result.stdout
 
 
