@@ -12,6 +12,9 @@ transitions of the same jobs on a fresh file, in one process, on the same disk, 
 - ``sqlalchemy_core_thread``: SQLAlchemy Core on a synchronous connection, ``--batch`` per commit;
 - ``aiosqlite_batch``: aiosqlite, ``--batch`` per commit, one ``executemany`` hand-off per statement;
 - ``sqlite3_thread``: stdlib sqlite3, ``--batch`` per commit (the raw cost of the chosen path);
+- ``writer_statements``: the writer's own statements, ``--batch`` per commit, written out by hand
+  (its compare-and-sets checked, its parameters and timestamps built per transition): what the
+  writer costs with none of its own Python around the statements;
 - ``fabricflow_writer``: the store's group-commit writer, ``--callers`` concurrent callers each
   awaiting its own compare-and-set, batches formed by whatever queued during the last commit.
 
@@ -41,7 +44,7 @@ from orchestrator.process import tune_gc  # noqa: E402
 from orchestrator.spec import parse_spec  # noqa: E402
 from orchestrator.store import ops  # noqa: E402
 from orchestrator.store.jobs import JobStore  # noqa: E402
-from orchestrator.store.writer import sqlite_timestamp  # noqa: E402
+from orchestrator.store.writer import _SQLITE_TOKENS, sqlite_timestamp  # noqa: E402
 
 OWNER = "bench"
 STEP = ("UPDATE steps SET state = :to, updated_at = :at, attempts = :attempts WHERE job_id = :job_id "
@@ -111,6 +114,40 @@ def sqlite3_batched(path: Path, ids: list[str], n: int, batch: int) -> int:
     return commits
 
 
+def writer_statements(path: Path, ids: list[str], n: int, batch: int) -> int:
+    """The writer's own statements for the transition (``ops.commit``'s step and job updates as
+    the SQLite writer renders them, its events rows in one ``executemany`` before COMMIT), each
+    compare-and-set checked, its parameters built and its timestamp formatted per transition,
+    as the writer does, but written out by hand: what the writer's work costs with none of its
+    own Python (operations, results, futures, the event loop) around it."""
+    move = ops.StepMove(StepName.WORKSPACE, StepState.IN_FLIGHT, StepState.IN_FLIGHT, "bench")
+    step_sql = ops._step_sql(move.expected, move.to, ()).format(**_SQLITE_TOKENS)
+    job_sql = ops._job_sql(False, None, (), False).format(**_SQLITE_TOKENS)
+    event_sql = ops._EVENT.format(**_SQLITE_TOKENS)
+    conn = connect(path)
+    cursor = conn.cursor()
+    commits = 0
+    for start in range(0, n, batch):
+        conn.execute("BEGIN IMMEDIATE")
+        events = []
+        for i in range(start, min(start + batch, n)):
+            job_id, at = ids[i % len(ids)], sqlite_timestamp(datetime.now(UTC))
+            cursor.execute(step_sql, {"job_id": job_id, "owner": OWNER, "name": "workspace", "expected": "IN_FLIGHT",
+                                      "to": "IN_FLIGHT", "at": at})
+            if cursor.rowcount != 1:
+                raise RuntimeError(f"step of {job_id} missed its compare-and-set")
+            cursor.execute(job_sql, {"job_id": job_id, "owner": OWNER, "at": at})
+            if cursor.rowcount != 1:
+                raise RuntimeError(f"job {job_id} missed its compare-and-set")
+            events.append({"job_id": job_id, "at": at, "step": "workspace", "src": "IN_FLIGHT", "dst": "IN_FLIGHT",
+                           "detail": "bench"})
+        cursor.executemany(event_sql, events)
+        conn.execute("COMMIT")
+        commits += 1
+    conn.close()
+    return commits
+
+
 def sqlalchemy_core(path: Path, ids: list[str], n: int, batch: int) -> int:
     from sqlalchemy import create_engine, event, text
 
@@ -174,7 +211,8 @@ async def writer(path: Path, ids: list[str], n: int, callers: int) -> int:
     return commits
 
 
-PATHS = ("sqlite3_per_commit", "sqlalchemy_core_thread", "aiosqlite_batch", "sqlite3_thread", "fabricflow_writer")
+PATHS = ("sqlite3_per_commit", "sqlalchemy_core_thread", "aiosqlite_batch", "sqlite3_thread", "writer_statements",
+         "fabricflow_writer")
 
 
 def measure(name: str, run: Any, n: int) -> dict[str, Any]:
@@ -214,6 +252,7 @@ def main() -> None:
             "sqlalchemy_core_thread": (lambda p, i: sqlalchemy_core(p, i, n, args.batch), n),
             "aiosqlite_batch": (lambda p, i: asyncio.run(aiosqlite_batch(p, i, n, args.batch)), n),
             "sqlite3_thread": (lambda p, i: sqlite3_batched(p, i, n, args.batch), n),
+            "writer_statements": (lambda p, i: writer_statements(p, i, n, args.batch), n),
             "fabricflow_writer": (lambda p, i: asyncio.run(writer(p, i, n, args.callers)), n),
         }
         results: dict[str, Any] = {}
