@@ -29,13 +29,30 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
 
 
+def pid_namespace() -> str:
+    """This process's PID namespace on Linux (its inode, in hex), or "" where there is none to read.
+
+    Two containers can share a host name but not their processes: a Kubernetes pod with
+    ``hostNetwork`` carries the node's name, yet its PIDs are invisible from the next pod's. A
+    lease owner records its namespace, so that ``is_dead`` judges only owners whose PIDs it can
+    see."""
+    try:
+        return format(os.stat("/proc/self/ns/pid").st_ino, "x")
+    except OSError:
+        return ""
+
+
 def is_dead(owner: str) -> bool:
-    """True when ``owner`` (a lease owner, ``host:pid:random``) names a process of this machine
-    that no longer exists; False for another machine's, whose lease expiry alone tells."""
-    host, _, rest = owner.partition(":")
-    pid_text = rest.partition(":")[0]
+    """True when ``owner`` (a lease owner, ``host:pid:random[:pidns]``) names a process of this
+    machine, in this PID namespace, that no longer exists; False for another machine's or
+    another namespace's, whose lease expiry alone tells."""
+    parts = owner.split(":")
+    host, pid_text = parts[0], parts[1] if len(parts) > 1 else ""
+    namespace = parts[3] if len(parts) > 3 else ""  # none in the owners of earlier versions
     if host != socket.gethostname()[:32] or not pid_text.isdigit():
         return False
+    if namespace and namespace != pid_namespace():
+        return False  # a PID we cannot see from here: not a dead one
     try:
         os.kill(int(pid_text), 0)
     except ProcessLookupError:

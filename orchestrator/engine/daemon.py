@@ -25,7 +25,7 @@ from orchestrator.engine.runner import Runner
 from orchestrator.errors import UserError
 from orchestrator.logs import get_logger
 from orchestrator.machine import StepState, next_step
-from orchestrator.process import is_dead
+from orchestrator.process import is_dead, pid_namespace
 from orchestrator.store import db, ops
 from orchestrator.store.schema import jobs as jobs_table
 from orchestrator.store.jobs import JobStore
@@ -34,8 +34,11 @@ log = get_logger(__name__)  # structlog if configured, else stdlib logging: neve
 
 
 def new_owner() -> str:
-    """A lease owner name a person can trace back to a process: host:pid:random."""
-    return f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    """A lease owner name a person can trace back to a process: host:pid:random, and on Linux
+    ``:pidns``, the PID namespace its PID belongs to (``process.is_dead`` reads both)."""
+    owner = f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    namespace = pid_namespace()
+    return f"{owner}:{namespace}" if namespace else owner
 
 
 def _version() -> str:
