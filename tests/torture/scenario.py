@@ -738,6 +738,7 @@ def run_torture(
     daemons: int = 1,
     concurrency: int | None = None,
     late_create: float = 0.0,
+    late_first: int = 0,
     late_by: float = 1.0,
     list_lag: float = 0.0,
     page_churn: float = 0.0,
@@ -756,7 +757,8 @@ def run_torture(
     periods, the time the last victim's jobs wait to be taken over.
 
     What a real cloud does on top (issue 9): ``late_create`` (share of creates carried out
-    ``late_by`` seconds after their connection was dropped; the daemons' settle window,
+    ``late_by`` seconds after their connection was dropped, and the first ``late_first`` creates
+    to succeed besides, so that a short run is sure to see one; the daemons' settle window,
     FABRICFLOW_RECONCILE__SETTLE_SECONDS in procs.env, must be longer), ``list_lag`` (seconds new
     resources stay out of lists) and ``page_churn`` (share of later list pages before which another
     user's resource of an earlier page is deleted). ``bystanders`` such workspaces, named after the
@@ -810,6 +812,8 @@ def run_torture(
         _, faults_configured = http(f"{emulator.url}/_emulator/faults")
         specs = write_specs(workdir, jobs, seed)
         bystander_names = make_bystanders(emulator.url, job_names(1, seed)["workspace"], bystanders)
+        if late_first:
+            http(f"{emulator.url}/_emulator/faults", method="POST", body={"late_next": late_first})
         cli("db", "upgrade", "--db", url)
         already = int(db.scalar("SELECT COUNT(*) FROM jobs"))
         if already:
