@@ -9,6 +9,7 @@ Any other database goes through JobStore, which migrates an older SQLite file as
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import click
@@ -60,7 +61,8 @@ def show(ctx: click.Context, job_ref: str, as_json: bool) -> None:
     settings = settings_from(ctx, configure_logs=False)
 
     job = run_async(with_flow(settings, lambda flow: flow.get(job_ref), read_only=True))
-    click.echo(json.dumps(job.as_json(), indent=2, ensure_ascii=False) if as_json else format_job(job))
+    now = datetime.now(UTC)  # a step in progress: how long so far
+    click.echo(json.dumps(job.as_json(), indent=2, ensure_ascii=False) if as_json else format_job(job, now=now))
 
 
 @click.command()

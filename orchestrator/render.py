@@ -60,17 +60,22 @@ def _when(at: datetime | None) -> str:
     return at.astimezone().strftime("%Y-%m-%d %H:%M:%S") if at else "-"
 
 
-def _duration(step_start: datetime | None, step_end: datetime | None) -> str:
+def _duration(step_start: datetime | None, step_end: datetime | None, now: datetime | None = None) -> str:
+    """How long a step took; for one still going (``now`` given), how long so far, then "…"."""
     if step_start is None:
         return "-"
     if step_end is None:
-        return "…"
+        if now is None:
+            return "…"
+        return _duration(step_start, max(now, step_start)) + "…"
     seconds = (step_end - step_start).total_seconds()
     return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f}m"
 
 
-def format_job(job: Job) -> str:
-    """``fabricflow show``: the job, then one row per step."""
+def format_job(job: Job, *, now: datetime | None = None) -> str:
+    """``fabricflow show``: the job, then one row per step; with ``now``, a running job's step
+    in progress shows how long it has taken so far."""
+    running = now if not job.state.is_terminal else None
     lines = [
         f"job      {job.id}",
         f"name     {job.name}",
@@ -93,7 +98,7 @@ def format_job(job: Job) -> str:
         lines.append(
             f"{name:<17} {step.state:<10} {step.resource_id or '-':<36} "
             f"{latest_status(job, name) or '-':<14} {step.attempts:>5} "
-            f"{_duration(step.started_at, step.finished_at):>7}"
+            f"{_duration(step.started_at, step.finished_at, running):>7}"
         )
         if step.error and step.state is not StepState.SUCCEEDED:
             lines.append(f"{'':<17} ! {_error(step.error)}")

@@ -87,3 +87,15 @@ def test_status_says_what_an_invocation_in_flight_streams_from():
         streaming.steps[StepName(name)] = step(name, StepState.SUCCEEDED)
     assert waiting_for(streaming, current_of(streaming, {}), NOW) == (
         "invocation IN_FLIGHT, streaming from service_instance r1 for 3s")
+
+
+def test_show_says_how_long_a_running_job_s_step_has_taken_so_far():
+    waiting = job(endpoint=step("endpoint", StepState.SUCCEEDED, "CREATING", started=60,
+                                finished_at=NOW - timedelta(seconds=59)),
+                  endpoint_ready=step("endpoint_ready", StepState.WAITING, started=59))
+    rows = {line.split()[0]: line for line in format_job(waiting, now=NOW).splitlines()[6:]}
+    assert rows["endpoint"].endswith("  1.0s") and rows["endpoint_ready"].endswith("  59.0s…")
+    assert rows["model"].endswith("   -")
+    assert format_job(waiting).splitlines()[8].endswith("      …")  # no clock: still going
+    ended = Job(**{**{f: getattr(waiting, f) for f in waiting.__slots__}, "state": JobState.CANCELLED})
+    assert "…" in format_job(ended, now=NOW) and "59.0s…" not in format_job(ended, now=NOW)
