@@ -432,6 +432,11 @@ async def test_invoke_stores_a_new_invocation(flow, tmp_path):
     teardown = await flow.teardown(job)
     with pytest.raises(UserError, match="is a teardown job; invoke the job that created the service"):
         await flow.invoke(teardown, "hi")
+    with pytest.raises(UserError) as torn:  # its instance is about to go: Fabric would answer 404
+        await flow.invoke(job, "hi")
+    assert str(torn.value) == (f"job {job.id[:8]} has a teardown ({teardown.id[:8]}, PENDING) that deletes or "
+                               "has deleted its service instance; submit a new job to talk to a service")
+    assert [i.id for i in await flow.invocations(job)] == [record.id]  # nothing sent, nothing stored
     async with connect(tmp_path / "other.db") as embedded:  # its emulator has not run this job
         with pytest.raises(UserError, match="the embedded emulator keeps nothing between runs"):
             await embedded.invoke(job, "hi")
