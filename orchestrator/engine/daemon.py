@@ -8,6 +8,7 @@ import fcntl
 import os
 import signal
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
@@ -188,6 +189,9 @@ class Daemon:
             await self.store.writer.run(ops.register_daemon(
                 self.owner, host=socket.gethostname(), pid=os.getpid(), version=_version(),
                 lease=cfg.lease_seconds), urgent=True)
+            # The registry row carries a heartbeat from now on: /healthz says so from the start,
+            # not null until the first beat of the loop (heartbeat_seconds later).
+            self.metrics.last_heartbeat = time.monotonic()
             async with contextlib.AsyncExitStack() as stack:
                 await stack.enter_async_context(heartbeat(self.store, self.runner, cfg, self.metrics.beat,
                                                           registered=True))

@@ -76,11 +76,13 @@ class Relay:
         self.server.server_close()
 
 
-def start_daemon(db_url: str, fabric_url: str, log: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_daemon(db_url: str, fabric_url: str, log: Path, *args: str,
+                 **env_extra: str) -> tuple[subprocess.Popen[bytes], str]:
     """`fabricflow daemon --metrics-port 0`, its stderr to ``log``; returns it and its metrics URL."""
     with open(log, "w") as err:
         proc = subprocess.Popen([*FABRICFLOW, "daemon", "--db", db_url, "--fabric-url", fabric_url,
-                                 "--metrics-port", "0", *args], stdout=subprocess.DEVNULL, stderr=err, env=env())
+                                 "--metrics-port", "0", *args], stdout=subprocess.DEVNULL, stderr=err,
+                                env=env(**env_extra))
     line = wait_for("the metrics address", lambda: next(
         (ln for ln in log.read_text().splitlines() if "health and metrics on" in ln), None))
     return proc, line.split(" on ", 1)[1].split("/healthz")[0]
@@ -233,3 +235,23 @@ def test_the_daemons_default_level_is_info(tmp_path: Path, given: str | None):
         emulator.stop()
     events = [json.loads(ln)["event"] for ln in log.read_text().splitlines() if ln.startswith("{")]
     assert ("daemon_started" in events) is (given is None)
+
+
+def test_healthz_counts_the_registration_as_the_first_heartbeat(tmp_path: Path):
+    """A daemon is registered, heartbeat and all, before it serves /healthz: the age of its
+    heartbeat is a number from the first answer, not null until the first beat of its loop."""
+    emulator = Emulator(log=tmp_path / "e.log")
+    try:
+        url = f"sqlite+aiosqlite:///{tmp_path / 'jobs.db'}"
+        # Beats ten minutes apart, leases of an hour: only the registration can have beaten yet.
+        daemon, base = start_daemon(url, emulator.url, tmp_path / "d.log", FABRICFLOW_DAEMON__HEARTBEAT_SECONDS="600",
+                                    FABRICFLOW_DAEMON__LEASE_SECONDS="3600")
+        try:
+            status, body = health(base)
+            assert status == 200 and body["status"] == "ok", body
+            assert isinstance(body["seconds_since_heartbeat"], float) and body["seconds_since_heartbeat"] < 600, body
+        finally:
+            daemon.terminate()
+            assert daemon.wait(timeout=30) == 0
+    finally:
+        emulator.stop()
