@@ -735,30 +735,12 @@ async def _target_of(store: JobStore | ReadOnlyStore, job_id: str) -> Job:
     if job.steps[StepName.SERVICE_READY].state is not StepState.SUCCEEDED:
         raise UserError(f"job {job.id[:8]} has no RUNNING service instance yet "
                         f"(job {job.state}, service_ready {job.steps[StepName.SERVICE_READY].state})")
-    teardown = await _teardown_of(store, job.id)
+    teardown = await store.live_teardown(job.id)
     if teardown is not None:
         teardown_id, state = teardown
         raise UserError(f"job {job.id[:8]} has a teardown ({teardown_id[:8]}, {state}) that deletes or has "
                         "deleted its service instance; submit a new job to talk to a service")
     return job
-
-
-_TEARDOWN_OF = ("SELECT id, state FROM jobs WHERE parent_id = :id AND kind = 'teardown' AND state <> 'FAILED'"
-                " ORDER BY created_at DESC, id LIMIT 1")
-
-
-async def _teardown_of(store: JobStore | ReadOnlyStore, job_id: str) -> tuple[str, str] | None:
-    """The job's teardown that has not failed (the latest), as (ID, state), or None."""
-    from orchestrator.store.readonly import ReadOnlyStore
-
-    if isinstance(store, ReadOnlyStore):
-        rows: Sequence[Any] = await store.fetch(_TEARDOWN_OF, {"id": job_id})
-    else:
-        from sqlalchemy import text
-
-        async with store.engine.connect() as conn:
-            rows = list((await conn.execute(text(_TEARDOWN_OF), {"id": job_id})).mappings())
-    return (rows[0]["id"], rows[0]["state"]) if rows else None
 
 
 async def _invoke_once(store: JobStore, job: Job, client: FabricClient, request: dict[str, Any],

@@ -14,7 +14,7 @@ from pathlib import Path
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from orchestrator.domain import Event, Invocation, Job
@@ -28,7 +28,7 @@ from orchestrator.machine import (
 from orchestrator.spec import JobSpec
 from orchestrator.store import db, ops
 from orchestrator.store.leases import NOTIFY_CHANNEL, LeaseMixin
-from orchestrator.store.readonly import job_from_row, job_ref, the_one
+from orchestrator.store.readonly import LIVE_TEARDOWN, job_from_row, job_ref, the_one
 from orchestrator.store.schema import events, invocations, jobs, steps
 from orchestrator.store.writer import Dialect, Op, PostgresWriter, SQLiteWriter, Sql, Writer
 
@@ -173,12 +173,9 @@ class JobStore(LeaseMixin):
             src = JobState(row)
             if src not in (JobState.FAILED, JobState.CANCELLED):
                 raise UserError(f"job {job_id[:8]} is {src}; only FAILED or CANCELLED jobs can be retried")
-            teardowns = (await conn.execute(
-                select(jobs.c.id, jobs.c.state).where(jobs.c.parent_id == job_id, jobs.c.kind == JobKind.TEARDOWN,
-                                                      jobs.c.state != JobState.FAILED)
-            )).all()
-            if teardowns:
-                tid, tstate = teardowns[0]
+            teardown = (await conn.execute(text(LIVE_TEARDOWN), {"id": job_id})).first()
+            if teardown is not None:
+                tid, tstate = teardown
                 raise UserError(f"job {job_id[:8]} has a teardown ({tid[:8]}, {tstate}) that deletes or has "
                                 "deleted its resources; submit a new job instead of retrying this one")
             failed = (await conn.execute(
@@ -228,6 +225,12 @@ class JobStore(LeaseMixin):
                 await conn.execute(select(jobs.c.id).where(jobs.c.id.startswith(ref)).limit(6))
             ).scalars().all()
         return the_one(ref, list(rows))
+
+    async def live_teardown(self, job_id: str) -> tuple[str, str] | None:
+        """The job's teardown that has not failed (``readonly.LIVE_TEARDOWN``), as (ID, state), or None."""
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(text(LIVE_TEARDOWN), {"id": job_id})).first()
+        return (row[0], row[1]) if row is not None else None
 
     async def get(self, job_id: str) -> Job:
         """The job with its steps; NotFoundError if there is none."""

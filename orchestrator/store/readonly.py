@@ -28,6 +28,11 @@ from orchestrator.machine import JobKind, JobState, StepName, StepState
 #: against it (until then a database at the new revision is read through JobStore, correctly).
 SCHEMA_REVISION = "0003"
 
+#: A job's latest teardown that has not failed: one that deletes, or has deleted, its resources
+#: (``retry`` and ``invoke`` refuse such a job). Plain SQL with ``:id``, for both stores.
+LIVE_TEARDOWN = ("SELECT id, state FROM jobs WHERE parent_id = :id AND kind = 'teardown' AND state <> 'FAILED'"
+                 " ORDER BY created_at DESC, id LIMIT 1")
+
 # A plain SQLite URL as SQLAlchemy reads it, with a driver fabricflow takes: no options after "?".
 _SQLITE_URL = re.compile(r"^sqlite(?:\+aiosqlite)?:///([^?]+)$")
 
@@ -131,6 +136,11 @@ class ReadOnlyStore:
                           " WHERE job_id = ? AND id > ? ORDER BY id", job_id, after)
         return [Event(id=r["id"], job_id=r["job_id"], at=as_utc(r["at"]), step=r["step"],  # type: ignore[arg-type]
                       from_state=r["from_state"], to_state=r["to_state"], detail=r["detail"]) for r in rows]
+
+    async def live_teardown(self, job_id: str) -> tuple[str, str] | None:
+        """The job's teardown that has not failed (``LIVE_TEARDOWN``), as (ID, state), or None."""
+        rows = self._query(LIVE_TEARDOWN, {"id": job_id})
+        return (rows[0]["id"], rows[0]["state"]) if rows else None
 
     async def fetch(self, sql: str, params: dict[str, Any]) -> list[sqlite3.Row]:
         """Rows of a query with ``:name`` parameters (``store.overview``'s plain SQL)."""

@@ -64,6 +64,23 @@ async def test_the_reader_returns_what_jobstore_returns(ran):
         await store.close()
 
 
+async def test_both_stores_find_the_teardown_that_retry_and_invoke_refuse_for(ran):
+    path, ids = ran
+    done, failed, _pending = ids
+    store = await JobStore.open(f"sqlite:///{path}", auto_upgrade=False)
+    try:
+        teardown = await store.submit_teardown(done)
+        reader = ReadOnlyStore.open(path)
+        assert reader is not None
+        try:
+            assert await reader.live_teardown(done) == await store.live_teardown(done) == (teardown.id, "PENDING")
+            assert await reader.live_teardown(failed) is None and await store.live_teardown(failed) is None
+        finally:
+            await reader.close()
+    finally:
+        await store.close()
+
+
 async def test_an_ambiguous_prefix_is_said_the_same_way(tmp_path):
     path = tmp_path / "many.db"
     store = await JobStore.open(f"sqlite:///{path}")
