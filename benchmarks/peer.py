@@ -34,6 +34,11 @@ DBOS's include its enqueue commits; off with ``--no-count-db``) and, for fabricf
 events_per_job (rows of its events log, the submission's included) and step_seconds (the median
 time of each step, from its events, and of the whole job from its claim: the least a job can
 take here, at the emulator's readiness and streaming delays, whatever the engine).
+After the runs, ``bounds`` sets the store issue's targets (10x DBOS's jobs/s, a tenth of its CPU
+per job) beside what this set-up allows any engine: jobs_per_s_cap (concurrency over the emulator's
+two readiness delays), and the CPU of the bare HTTP client (one aiohttp GET, measured in a process
+of its own against the same emulator, times fabricflow's requests per job) and of fabricflow's
+start-up; ``--no-floor`` skips the measurement.
 Prints one JSON object; progress goes to stderr. Everything stays on 127.0.0.1.
 """
 
@@ -515,6 +520,64 @@ def run_dbos(args: argparse.Namespace, emulator: Emulator, workdir: Path, tag: s
     return result
 
 
+# --- what no engine can beat here ----------------------------------------------------------------
+
+HTTP_FLOOR_SOURCE = textwrap.dedent("""\
+    import asyncio, json, resource, sys
+    import aiohttp
+
+    async def main(url, concurrency, n):
+        async with aiohttp.ClientSession() as session:
+            async def get(count):
+                for _ in range(count):
+                    async with session.get(url + "/v1/workspaces", params={"limit": "1"}) as resp:
+                        json.loads(await resp.read())
+            await get(20)  # connections opened, code warm
+            before = resource.getrusage(resource.RUSAGE_SELF)
+            await asyncio.gather(*(get(n // concurrency) for _ in range(concurrency)))
+            after = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        print(json.dumps({"requests": n // concurrency * concurrency,
+                          "cpu_us_per_request": round(1e6 * cpu / (n // concurrency * concurrency), 1)}))
+
+    asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+""")
+
+
+def http_floor(emulator: Emulator, concurrency: int, requests: int = 5000) -> dict[str, Any]:
+    """The CPU of one bare aiohttp GET (keep-alive, a small JSON answer read and parsed), in a
+    process of its own with this Python, against the run's emulator at the run's concurrency."""
+    emulator.reset()
+    out = subprocess.run([sys.executable, "-c", HTTP_FLOOR_SOURCE, emulator.url, str(concurrency), str(requests)],
+                         capture_output=True, text=True, timeout=300, env=child_env(), check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bounds(args: argparse.Namespace, median: dict[str, Any], floor: dict[str, Any] | None) -> dict[str, Any]:
+    """The issue's targets beside what the emulator's delays and the HTTP client allow.
+
+    jobs_per_s_cap: ``concurrency`` jobs at a time, each waiting at least the emulator's two
+    readiness delays (streaming and creates left out, so a generous cap). http_client_ms_per_job:
+    the bare aiohttp floor times fabricflow's requests per job. startup_ms_per_job: fabricflow's
+    CPU before its first claim (interpreter and imports), spread over the run's jobs.
+    """
+    ff, dbos = median.get("fabricflow", {}), median.get("dbos", {})
+    cap = args.concurrency / (args.ready_after + args.instance_ready_after)
+    out: dict[str, Any] = {"jobs_per_s_cap": round(cap, 1)}
+    if isinstance(dbos.get("jobs_per_s"), int | float):
+        out["target_jobs_per_s"] = round(10 * dbos["jobs_per_s"], 1)
+        out["cap_over_dbos"] = ratio(cap, dbos["jobs_per_s"])
+    if isinstance(dbos.get("cpu_ms_per_job"), int | float):
+        out["target_cpu_ms_per_job"] = round(dbos["cpu_ms_per_job"] / 10, 2)
+    if floor is not None:
+        out["http_request_cpu_us"] = floor["cpu_us_per_request"]
+        if isinstance(ff.get("requests_per_job"), int | float):
+            out["http_client_ms_per_job"] = round(floor["cpu_us_per_request"] * ff["requests_per_job"] / 1000, 2)
+    if isinstance(ff.get("cpu_ms_per_job"), int | float) and isinstance(ff.get("run_cpu_ms_per_job"), int | float):
+        out["startup_ms_per_job"] = round(ff["cpu_ms_per_job"] - ff["run_cpu_ms_per_job"], 2)
+    return out
+
+
 # --- the run -------------------------------------------------------------------------------------
 
 SUMMARY = ("jobs_per_s", "cpu_ms_per_job", "run_cpu_ms_per_job", "peak_rss_mb", "seconds",
@@ -600,10 +663,18 @@ def main(args: argparse.Namespace) -> int:
                     ff, dbos = rep["fabricflow"], rep["dbos"]
                     rep["ratio"] = {key: ratio(ff.get(key), dbos.get(key)) for key in RATIOS}
                 reps.append(rep)
+            floor = None
+            if args.floor:
+                log("the bare HTTP client's floor ...")
+                try:
+                    floor = http_floor(emulator, args.concurrency)
+                except (subprocess.SubprocessError, OSError, ValueError, IndexError) as exc:
+                    log(f"  floor not measured: {exc}")
         finally:
             emulator.stop()
-    print(json.dumps({"benchmark": "peer", "params": params, "reps": reps,
-                      "median": summarize(reps, engines)}, indent=2))
+    median = summarize(reps, engines)
+    print(json.dumps({"benchmark": "peer", "params": params, "reps": reps, "median": median,
+                      "bounds": bounds(args, median, floor)}, indent=2))
     return 1 if errors else 0
 
 
@@ -624,6 +695,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="where dbos_pipeline.py is (default %(default)s)")
     parser.add_argument("--no-count-db", dest="count_db", action="store_false",
                         help="do not count SQLAlchemy commits (write_commits_per_job)")
+    parser.add_argument("--no-floor", dest="floor", action="store_false",
+                        help="skip the bare aiohttp floor measured after the runs (see bounds in the output)")
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="seconds one engine's run may take before it is stopped (default 600)")
     args = parser.parse_args(argv)
