@@ -222,10 +222,12 @@ class LibraryLogger:
     reach stderr as Python's last-resort handler prints them. Nothing is configured here.
     """
 
-    __slots__ = ("_stdlib", "_structlog")
+    __slots__ = ("_bound", "_bound_for", "_stdlib", "_structlog")
 
     def __init__(self, name: str) -> None:
         self._structlog = structlog.get_logger(name)
+        self._bound: Any = None
+        self._bound_for: tuple[Any, ...] = ()
         self._stdlib = structlog.wrap_logger(
             logging.getLogger(name),
             processors=[structlog.stdlib.filter_by_level, structlog.contextvars.merge_contextvars,
@@ -233,7 +235,15 @@ class LibraryLogger:
             wrapper_class=structlog.stdlib.BoundLogger, cache_logger_on_first_use=True)
 
     def _target(self) -> Any:
-        return self._structlog if structlog.is_configured() else self._stdlib
+        if not structlog.is_configured():
+            return self._stdlib
+        # structlog's lazy proxy builds a new bound logger on every call (we configure it without
+        # caching, so that configuring again takes effect): build one per configuration instead.
+        config = structlog.get_config()
+        made_of = (config["processors"], config["wrapper_class"], config["logger_factory"], config["context_class"])
+        if len(self._bound_for) != len(made_of) or any(a is not b for a, b in zip(made_of, self._bound_for)):
+            self._bound, self._bound_for = self._structlog.bind(), made_of
+        return self._bound
 
     def debug(self, event: str, **fields: Any) -> None:
         """Log a debug event."""

@@ -85,7 +85,8 @@ class DaemonMetrics:
         self.build.info({"version": self.version, "python": platform.python_version()})
         self._started: dict[tuple[str, str], float] = {}  # (job, step): when its first move of this run came
         self._waiting: dict[tuple[str, str], float] = {}  # (job, step): when it went WAITING
-        self._children: dict[tuple[str, int | None], tuple[Any, Any, Any]] = {}
+        self._children: dict[tuple[str, int | None], tuple[Any, Any, Any]] = {}  # on_request's label children
+        self._step_children: dict[tuple[StepName, StepState], tuple[Any, Any]] = {}  # on_step's
 
     def set_version(self, version: str) -> None:
         """The ``fabricflow_build_info`` labels."""
@@ -99,17 +100,22 @@ class DaemonMetrics:
 
     def on_step(self, job: Job, step: StepName, state: StepState, detail: str) -> None:
         """Runner hook: count a committed step transition; time steps and waits."""
-        self.transitions.labels(step=str(step), state=str(state)).inc()
+        children = self._step_children.get((step, state))
+        if children is None:
+            children = self._step_children[(step, state)] = (
+                self.transitions.labels(step=str(step), state=str(state)),
+                self.step_seconds.labels(step=str(step), state=str(state)) if state in _ENDS else None)
+        children[0].inc()
         key, now = (job.id, str(step)), time.monotonic()
         waited = self._waiting.pop(key, None)
         if waited is not None:
-            self.wait_seconds.labels(step=key[1]).observe(now - waited)
+            self.wait_seconds.labels(step=key[1]).observe(now - waited)  # once per wait, not per move
         if state is StepState.WAITING:
             self._waiting[key] = now
-        if state in _ENDS:
+        if children[1] is not None:
             began = self._started.pop(key, None)
             if began is not None:
-                self.step_seconds.labels(step=key[1], state=str(state)).observe(now - began)
+                children[1].observe(now - began)
         else:
             self._started.setdefault(key, now)
 

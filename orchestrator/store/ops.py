@@ -13,10 +13,10 @@ import itertools
 import json
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from orchestrator.domain import Job, Step
 from orchestrator.errors import StaleTransition
@@ -441,8 +441,22 @@ def applied(job: Job, moves: Sequence[StepMove], *, at: datetime) -> Job:
             values.setdefault("finished_at", at)
         if values.get("extra") is None and "extra" in values:
             values["extra"] = {}
-        steps[move.name] = replace(old, **values)
-    return replace(job, steps=steps, updated_at=at, recoveries=0)
+        steps[move.name] = _replaced(old, values)
+    return _replaced(job, {"steps": steps, "updated_at": at, "recoveries": 0})
+
+
+_set = object.__setattr__
+_Snapshot = TypeVar("_Snapshot", Job, Step)
+
+
+def _replaced(snapshot: _Snapshot, changes: dict[str, Any]) -> _Snapshot:
+    """``dataclasses.replace`` for the frozen, slotted snapshots (fields only, no __post_init__),
+    without its walk over the fields' definitions: a runner applies two per transition."""
+    cls = type(snapshot)
+    new = object.__new__(cls)
+    for name in cls.__slots__:
+        _set(new, name, changes[name] if name in changes else getattr(snapshot, name))
+    return new
 
 
 # --- pruning (`fabricflow db prune`) ----------------------------------------------------------
