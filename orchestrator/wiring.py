@@ -8,8 +8,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from orchestrator.config import Settings
-from orchestrator.emulator.app import running_emulator
-from orchestrator.emulator.config import EmulatorConfig
 from orchestrator.errors import UserError
 from orchestrator.fabric.client import Credentials, FabricClient, Timeouts
 
@@ -46,6 +44,9 @@ async def fabric_target(settings: Settings, *, announce: bool = True) -> AsyncIt
                 raise UserError(f"{option}: {url!r} is not an http(s) URL")
         yield Target(settings.fabric_url.rstrip("/"), settings.ep_url.rstrip("/"), embedded=False)
         return
+    from orchestrator.emulator.app import running_emulator  # only here: a daemon on a real Fabric never needs it
+    from orchestrator.emulator.config import EmulatorConfig
+
     config = EmulatorConfig(ready_after=settings.emulator.ready_after,
                             instance_ready_after=settings.emulator.instance_ready_after)
     async with running_emulator(config) as emulator:
