@@ -389,7 +389,8 @@ class Fabricflow:
 
         Reused resources and adopted ones are kept. Returns the teardown job, PENDING: a durable
         job of its own, which a daemon runs. UserError if the job has not ended (cancel it with
-        ``teardown=True`` instead) or is itself a teardown.
+        ``teardown=True`` instead), is itself a teardown, or has a teardown still to run, running
+        or succeeded (a new one is accepted after one that failed or was cancelled).
         """
         store = self._job_store()
         with self._database_errors():
@@ -739,7 +740,7 @@ async def _target_of(store: JobStore | ReadOnlyStore, job_id: str) -> Job:
     if teardown is not None:
         teardown_id, state = teardown
         raise UserError(f"job {job.id[:8]} has a teardown ({teardown_id[:8]}, {state}) that deletes or has "
-                        "deleted its service instance; submit a new job to talk to a service")
+                        "deleted what the job created; submit a new job to talk to a service")
     return job
 
 

@@ -93,7 +93,9 @@ def teardown(ctx: click.Context, job_ref: str, wait: bool, as_json: bool) -> Non
     """Delete exactly the resources JOB created, in reverse order, each waited until gone.
 
     Reused resources and ones adopted with on_existing: adopt are kept. The teardown is a durable
-    job of its own (a daemon runs it; it survives crashes); prints its ID.
+    job of its own (a daemon runs it; it survives crashes); prints its ID. A job has one teardown
+    at a time: refused while one is pending or running, or after one succeeded; after one failed
+    or was cancelled, a new one deletes what is left.
     """
     settings = settings_from(ctx)
 

@@ -127,6 +127,16 @@ class JobStore(LeaseMixin):
             parent = found.rows[0]
             if parent["kind"] != JobKind.CREATE:
                 raise UserError(f"job {parent_id[:8]} is itself a teardown; there is nothing to tear down")
+            # One teardown at a time, and none after one that succeeded: its resources are gone.
+            # After a FAILED or CANCELLED teardown a new one deletes what is left.
+            earlier = yield Sql("SELECT id, state FROM jobs WHERE parent_id = :id AND kind = 'teardown' AND state"
+                                " IN ('PENDING', 'RUNNING', 'SUCCEEDED') ORDER BY created_at DESC, id LIMIT 1",
+                                {"id": parent_id})
+            if earlier.rows:
+                tid, tstate = earlier.rows[0]["id"], earlier.rows[0]["state"]
+                done = "tore it down" if tstate == JobState.SUCCEEDED else "is to tear it down"
+                raise UserError(f"job {parent_id[:8]} already has a teardown: {tid[:8]} ({tstate}) {done}; "
+                                f"fabricflow show {tid[:8]} tells what it deleted and kept")
             new = ops.NewJob(name=f"teardown of {parent['name']}", kind=JobKind.TEARDOWN, parent_id=parent_id,
                              spec={"teardown_of": parent_id}, detail=f"teardown of job {parent_id} submitted")
             yield from ops.insert_jobs([new], at=at, notify=NOTIFY_CHANNEL)(d)

@@ -28,10 +28,15 @@ from orchestrator.machine import JobKind, JobState, StepName, StepState
 #: against it (until then a database at the new revision is read through JobStore, correctly).
 SCHEMA_REVISION = "0003"
 
-#: A job's latest teardown that has not failed: one that deletes, or has deleted, its resources
-#: (``retry`` and ``invoke`` refuse such a job). Plain SQL with ``:id``, for both stores.
-LIVE_TEARDOWN = ("SELECT id, state FROM jobs WHERE parent_id = :id AND kind = 'teardown' AND state <> 'FAILED'"
-                 " ORDER BY created_at DESC, id LIMIT 1")
+#: A job's latest teardown that deletes, or has deleted, some of its resources (``retry`` and
+#: ``invoke`` refuse such a job): one still to run or running, or one that ended after a step of
+#: it left PENDING for a delete. A FAILED teardown does not count, nor one that ended having sent
+#: no delete: cancelled before it ran, or keeping only reused and adopted resources (its steps
+#: all PENDING or SKIPPED). Plain SQL with ``:id``, for both stores.
+LIVE_TEARDOWN = ("SELECT t.id, t.state FROM jobs t WHERE t.parent_id = :id AND t.kind = 'teardown'"
+                 " AND t.state <> 'FAILED' AND (t.state NOT IN ('CANCELLED', 'SUCCEEDED') OR EXISTS"
+                 " (SELECT 1 FROM steps s WHERE s.job_id = t.id AND s.state NOT IN ('PENDING', 'SKIPPED')))"
+                 " ORDER BY t.created_at DESC, t.id LIMIT 1")
 
 # A plain SQLite URL as SQLAlchemy reads it, with a driver fabricflow takes: no options after "?".
 _SQLITE_URL = re.compile(r"^sqlite(?:\+aiosqlite)?:///([^?]+)$")

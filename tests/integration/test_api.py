@@ -435,8 +435,12 @@ async def test_invoke_stores_a_new_invocation(flow, tmp_path):
     with pytest.raises(UserError) as torn:  # its instance is about to go: Fabric would answer 404
         await flow.invoke(job, "hi")
     assert str(torn.value) == (f"job {job.id[:8]} has a teardown ({teardown.id[:8]}, PENDING) that deletes or "
-                               "has deleted its service instance; submit a new job to talk to a service")
+                               "has deleted what the job created; submit a new job to talk to a service")
     assert [i.id for i in await flow.invocations(job)] == [record.id]  # nothing sent, nothing stored
+    await flow.cancel(teardown)  # before it ran: it deleted nothing, so the service may be used again
+    again = await flow.invoke(job, "still there?")
+    assert again.error is None and "still there?" in again.reply
+    assert [i.id for i in await flow.invocations(job)] == [record.id, again.id]
     async with connect(tmp_path / "other.db") as embedded:  # its emulator has not run this job
         with pytest.raises(UserError, match="the embedded emulator keeps nothing between runs"):
             await embedded.invoke(job, "hi")

@@ -75,6 +75,8 @@ async def test_both_stores_find_the_teardown_that_retry_and_invoke_refuse_for(ra
         try:
             assert await reader.live_teardown(done) == await store.live_teardown(done) == (teardown.id, "PENDING")
             assert await reader.live_teardown(failed) is None and await store.live_teardown(failed) is None
+            await store.cancel(teardown.id)  # before it sent any delete: it no longer counts
+            assert await reader.live_teardown(done) is None and await store.live_teardown(done) is None
         finally:
             await reader.close()
     finally:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import pytest
 
 from orchestrator.config import DaemonSettings
 from orchestrator.engine.daemon import heartbeat
 from orchestrator.engine.runner import Runner
+from orchestrator.errors import UserError
 from orchestrator.fabric.client import FabricClient
 from orchestrator.machine import JobKind, JobState, StepName, StepState
 from tests.conftest import make_spec
@@ -146,8 +148,37 @@ async def test_teardown_also_finds_unrecorded_resources_by_name_and_marker(store
     assert (await stats(emulator.url))["live"] == {"workspace": 0, "endpoint": 0, "model": 0, "service_instance": 0}
 
 
-async def test_a_second_teardown_is_a_no_op(store, emulator, spec_data):
+async def test_a_teardown_that_kept_everything_does_not_stand_in_the_way_of_the_service(store, emulator, spec_data):
+    first = await run_job(store, emulator.url, make_spec(spec_data))
+    ws = first.resource_id(StepName.WORKSPACE)
+    adopter = await run_job(store, emulator.url, make_spec(spec_data, workspace={"id": ws}, on_existing="adopt"))
+    made = (StepName.WORKSPACE, StepName.ENDPOINT, StepName.MODEL, StepName.SERVICE_INSTANCE)
+    assert {adopter.steps[name].state for name in made} == {StepState.SKIPPED}  # reused, adopted: none made
+
+    teardown = await run_teardown(store, emulator.url, adopter.id)
+
+    assert teardown.state is JobState.SUCCEEDED, teardown.error
+    assert {s.state for s in teardown.steps.values()} == {StepState.SKIPPED}
+    assert (await stats(emulator.url))["live"] == {"workspace": 1, "endpoint": 1, "model": 1, "service_instance": 1}
+    assert await store.live_teardown(adopter.id) is None  # invoke and retry may still use the job
+    assert await store.live_teardown(first.id) is None
+
+
+async def test_a_second_teardown_is_refused_until_the_first_fails_or_is_cancelled(store, emulator, spec_data):
     job = await run_job(store, emulator.url, make_spec(spec_data))
-    assert (await run_teardown(store, emulator.url, job.id)).state is JobState.SUCCEEDED
-    again = await run_teardown(store, emulator.url, job.id)  # everything, even the workspace, is gone
-    assert again.state is JobState.SUCCEEDED, again.error
+    pending = await store.submit_teardown(job.id)
+    with pytest.raises(UserError) as twice:
+        await store.submit_teardown(job.id)
+    assert str(twice.value) == (f"job {job.id[:8]} already has a teardown: {pending.id[:8]} (PENDING) is to tear "
+                                f"it down; fabricflow show {pending.id[:8]} tells what it deleted and kept")
+    await store.cancel(pending.id)  # cancelled before it ran: a new one may go ahead
+    done = await run_teardown(store, emulator.url, job.id)
+    assert done.state is JobState.SUCCEEDED, done.error
+    deletes = (await stats(emulator.url))["requests"]
+    with pytest.raises(UserError) as again:
+        await store.submit_teardown(job.id)
+    assert str(again.value) == (f"job {job.id[:8]} already has a teardown: {done.id[:8]} (SUCCEEDED) tore it "
+                                f"down; fabricflow show {done.id[:8]} tells what it deleted and kept")
+    assert (await stats(emulator.url))["requests"] == deletes  # no new job, nothing sent
+    teardowns = [j for j in await store.list() if j.parent_id == job.id]
+    assert sorted(j.state for j in teardowns) == sorted([JobState.CANCELLED, JobState.SUCCEEDED])
