@@ -200,7 +200,8 @@ def submit(ctx: click.Context, spec_files: tuple[str, ...], count: int, wait: bo
     24 are left beside {job}). With --count N every SPEC is submitted N times; {index} becomes
     the job's number in this command (0, 1, 2, ..., counting on across the SPECs in order);
     --count refuses a spec whose resource names have neither token. Quote such strings in YAML
-    ("ws-{index}"): there an unquoted { starts a mapping. `fabricflow run` replaces {job} too.
+    ("ws-{index}"): there an unquoted { starts a mapping. `fabricflow run` and `plan` replace
+    {job} too, and {index} by 0, as for the only job of a submit.
 
     \b
     For example, with   workspace: {name: "ws-{index}"}   in spec.yaml:

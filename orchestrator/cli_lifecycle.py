@@ -122,7 +122,8 @@ def invocation_options(func: Any) -> Any:
     """Options the invocation API accepts, passed through."""
     for option in reversed([
         click.option("--temperature", type=click.FloatRange(0, 2), help="Sampling temperature (0-2)."),
-        click.option("--max-tokens", type=click.IntRange(min=0), help="Longest reply, in tokens."),
+        click.option("--max-tokens", type=click.IntRange(min=0),
+                     help="Longest reply, in tokens (0: Fabric's default, 4096)."),
         click.option("--top-p", type=click.FloatRange(0, 1), help="Nucleus sampling (0-1)."),
         click.option("--system", help="A system message sent before the conversation."),
     ]):

@@ -26,7 +26,8 @@ from orchestrator.engine.steps import CREATE_STEPS, POLL_STEPS, CreateStep, Foun
 from orchestrator.errors import TerminalError
 from orchestrator.fabric.client import FabricClient
 from orchestrator.machine import STEPS, Action, JobState, StepName, StepState
-from orchestrator.spec import JOB, RESOURCE_PARTS, JobSpec, has_job, parse_spec, read_spec_data, with_job
+from orchestrator.spec import (JOB, RESOURCE_PARTS, JobSpec, has_job, parse_spec, read_spec_data, with_index,
+                               with_job)
 
 PlanAction = Literal["create", "reuse", "adopt", "refuse", "wait", "invoke"]
 
@@ -90,7 +91,7 @@ def read_draft(path: str | Path) -> tuple[JobSpec, dict[str, str]]:
     replaced as run replaces it), and the resource names that hold ``{job}``, as written, by
     spec part: those are new for every job, so they are shown as written and never looked up."""
     data = read_spec_data(path)
-    spec = parse_spec(with_job(data, uuid.uuid4().hex), str(path), template=data)
+    spec = parse_spec(with_job(with_index(data, 0), uuid.uuid4().hex), str(path), template=data)  # as one job
     parts = data if isinstance(data, dict) else {}
     templated = {key: part["name"] for key in RESOURCE_PARTS
                  if isinstance(part := parts.get(key), dict) and has_job(part.get("name"))}

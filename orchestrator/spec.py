@@ -290,12 +290,13 @@ def read_spec_data(path: str | Path) -> Any:
 
 
 def load_spec(path: str | Path, *, job_id: str | None = None) -> JobSpec:
-    """Read a YAML or JSON spec file and validate it; with ``job_id``, as that job's spec
-    (``{job}`` replaced, see ``with_job``)."""
+    """Read a YAML or JSON spec file and validate it as one job's spec: ``{index}`` is 0, as for
+    the only job of a submit; with ``job_id``, ``{job}`` is replaced too (see ``with_job``)."""
     data = read_spec_data(path)
+    one = with_index(data, 0)
     if job_id is None:
-        return parse_spec(data, str(path))
-    return parse_spec(with_job(data, job_id), str(path), template=data)
+        return parse_spec(one, str(path), template=data)
+    return parse_spec(with_job(one, job_id), str(path), template=data)
 
 
 def _first_line(exc: Exception) -> str:

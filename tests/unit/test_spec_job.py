@@ -89,3 +89,18 @@ def test_a_templated_value_that_fails_says_what_it_became(base):
     assert str(info.value) == (
         "job.yaml: workspace.name: String should match pattern '^[A-Za-z0-9_-]{4,32}$' "
         f"('{'x' * 25}3f9c2a1e' here, made from '{'x' * 25}{{job}}'; {{job}} is the job ID's first 8 hex digits)")
+
+
+def test_one_job_of_run_or_plan_numbers_index_zero_as_submit_does(tmp_path):
+    from orchestrator.plan import read_draft
+    from orchestrator.submission import specs_for
+
+    path = tmp_path / "idx.yaml"
+    data = yaml.safe_load(QUICKSTART.read_text())
+    data["workspace"]["name"] = "ws-{index}"
+    path.write_text(yaml.safe_dump(data))
+
+    _, (submitted,) = specs_for([str(path)], count=1)
+    assert submitted.workspace.name == "ws-0"
+    assert load_spec(path, job_id="0123456789abcdef").workspace.name == "ws-0"  # fabricflow run
+    assert read_draft(path)[0].workspace.name == "ws-0"  # fabricflow plan
