@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Sequence
@@ -283,10 +284,53 @@ def read_spec_data(path: str | Path) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read: {exc}") from None
     try:
-        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return json.loads(text, object_pairs_hook=_unique_keys) if path.suffix == ".json" else \
+            yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a SafeLoader
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise UserError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
                         f"{_first_line(exc)}") from None
+    except _DuplicateKey as exc:
+        raise UserError(f"{path}: not valid JSON: {exc}") from None
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused when a key comes twice (json keeps the last one silently)."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(f"duplicate key {key!r}: a spec names each field once")
+        seen[key] = value
+    return seen
+
+
+@functools.cache
+def _strict_loader() -> type:
+    """yaml.SafeLoader refusing a key given twice in one mapping (it keeps the last one
+    silently: ``name: a`` then ``name: b`` would make ``b``); merge keys (``<<``) still override."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:  # an unhashable key: SafeLoader says so itself
+                    continue
+                if first != key_node.start_mark.line + 1:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} on line {key_node.start_mark.line + 1} (first on "
+                        f"line {first}): a spec names each field once")
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
 
 
 def load_spec(path: str | Path, *, job_id: str | None = None) -> JobSpec:

@@ -20,6 +20,7 @@ from orchestrator.spec import (
     load_spec,
     parse_duration,
     parse_spec,
+    read_spec_data,
 )
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "tests" / "data" / "quickstart-fixed.yaml"  # fixed names
@@ -153,6 +154,23 @@ def test_malformed_json(tmp_path):
     assert message.startswith(f"{path}: not valid JSON: ")
     assert "line 1" in message
     assert len(message.splitlines()) == 1
+
+
+@pytest.mark.parametrize(("name", "text", "why"), [
+    ("job.yaml", "name: a\nworkspace:\n  name: ws-one\n  name: ws-two\n",
+     "not valid YAML: duplicate key 'name' on line 4 (first on line 3): a spec names each field once"),
+    ("job.json", '{"name": "a", "name": "b"}', "not valid JSON: duplicate key 'name': a spec names each field once"),
+])
+def test_a_key_given_twice_is_refused_not_overwritten(tmp_path, name, text, why):
+    path = _write(tmp_path, name, text)
+    with pytest.raises(UserError) as info:
+        load_spec(path)
+    assert str(info.value) == f"{path}: {why}"
+
+
+def test_yaml_merge_keys_still_override(tmp_path):
+    path = _write(tmp_path, "data.yaml", "base: &b {x: 1, y: 1}\nm:\n  <<: *b\n  x: 2\n")
+    assert read_spec_data(path) == {"base": {"x": 1, "y": 1}, "m": {"x": 2, "y": 1}}
 
 
 @pytest.mark.parametrize(("name", "text"), [("job.yaml", "- a\n- b\n"), ("job.json", "[1, 2]")])
