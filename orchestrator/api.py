@@ -298,7 +298,9 @@ class Fabricflow:
         if state is not JobState.PENDING:
             return
         if target.embedded:
-            await self._job_store().cancel(job_id)  # nothing could finish it once the emulator is gone
+            # Nothing could finish it once the emulator is gone.
+            await self._job_store().cancel(job_id, detail="stopped, and cancelled: its resources were in the "
+                                                          "embedded emulator, which ends with this process")
         if on_stopped is not None:
             on_stopped(await self._store.get(job_id))
 

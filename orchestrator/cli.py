@@ -90,7 +90,9 @@ def run(ctx: click.Context, spec_file: str, as_json: bool) -> None:
     """Submit SPEC and execute it here, showing progress and the streamed reply on stderr.
 
     Ctrl-C stops at a safe point and leaves the job PENDING for a daemon (or another run) to
-    finish. Exit code 0 when the job succeeds, 1 when it fails, 130 when interrupted.
+    finish; on the embedded emulator (no --fabric-url), whose resources end with this process, the
+    job is CANCELLED instead. Exit code 0 when the job succeeds, 1 when it fails, 130 when
+    interrupted.
     Warnings (retried requests) appear as progress lines, unless log_format is json.
     """
     from orchestrator.machine import JobState

@@ -23,12 +23,12 @@ from orchestrator.errors import UserError
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0 picks a free port.")
-@click.option("--ready-after", type=float, default=2.0, show_default=True, help="Seconds an endpoint stays CREATING.")
-@click.option("--instance-ready-after", type=float, default=1.0, show_default=True,
+@click.option("--ready-after", type=click.FloatRange(min=0), default=2.0, show_default=True, help="Seconds an endpoint stays CREATING.")
+@click.option("--instance-ready-after", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Seconds a service instance stays CREATING.")
-@click.option("--delete-after", type=float, default=0.5, show_default=True,
+@click.option("--delete-after", type=click.FloatRange(min=0), default=0.5, show_default=True,
               help="Seconds an endpoint or service instance stays DELETING.")
-@click.option("--cold-start", type=float, default=0.0, show_default=True,
+@click.option("--cold-start", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Seconds the first invocation waits when the endpoint's mu min is 0.")
 @click.option("--fail-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Share of requests answered with a transient 429/500/502/503/504.")
@@ -53,7 +53,7 @@ from orchestrator.errors import UserError
 @click.option("--token", help="The accepted X-Auth-Token with --auth token.")
 @click.option("--ak", help="The accepted access key with --auth aksk.")
 @click.option("--sk", help="The secret key of --ak.")
-@click.option("--max-clock-skew", type=float, default=900, show_default=True,
+@click.option("--max-clock-skew", type=click.FloatRange(min=0), default=900, show_default=True,
               help="Allowed X-Sdk-Date skew in seconds; 0 turns the check off.")
 @click.option("--state-file", type=click.Path(dir_okay=False), help="Keep resources across emulator restarts.")
 @global_options
@@ -82,8 +82,12 @@ def emulator(host: str, port: int, ready_after: float, instance_ready_after: flo
             seed=seed, auth=auth, token=token, ak=ak, sk=sk,  # type: ignore[arg-type]
             max_clock_skew=max_clock_skew, state_file=state_file,
         )
-    except Exception as exc:  # re.error, ValueError: a bad option value
-        raise UserError(f"emulator: {exc}") from None
+    except Exception as exc:  # ValueError: a bad option value; EmulatorConfig names the field, not the option
+        message = str(exc)
+        first, _, rest = message.partition(" ")
+        if (name := first.rstrip(":")) in EmulatorConfig.__dataclass_fields__:
+            message = f"--{name.replace('_', '-')}{first[len(name):]} {rest}"
+        raise UserError(f"emulator: {message}") from None
     if state_file is not None:
         _check_state_file(Path(state_file))
 

@@ -78,6 +78,9 @@ class EmulatorConfig:
             raise ValueError("auth='token' needs a token")
         if self.auth == "aksk" and not (self.ak and self.sk):
             raise ValueError("auth='aksk' needs ak and sk")
-        for pattern in (self.create_fail, self.instance_fail):
-            if pattern is not None:
-                re.compile(pattern)  # a bad pattern should fail at start, not per request
+        for name in ("create_fail", "instance_fail"):
+            if (pattern := getattr(self, name)) is not None:
+                try:
+                    re.compile(pattern)  # a bad pattern should fail at start, not per request
+                except re.error as exc:
+                    raise ValueError(f"{name}: {pattern!r} is not a regular expression: {exc}") from None

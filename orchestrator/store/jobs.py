@@ -150,8 +150,9 @@ class JobStore(LeaseMixin):
         if self.engine.dialect.name == "postgresql":
             await conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, job_id)))
 
-    async def cancel(self, job_id: str) -> JobState:
-        """Cancel a job: a PENDING one at once; a RUNNING one at its runner's next safe point.
+    async def cancel(self, job_id: str, *, detail: str = "cancelled before it ran") -> JobState:
+        """Cancel a job: a PENDING one at once (``detail`` is its event's); a RUNNING one at its
+        runner's next safe point.
 
         Returns the job's state afterwards (RUNNING means "cancellation requested").
         """
@@ -162,7 +163,7 @@ class JobStore(LeaseMixin):
                 .values(state=JobState.CANCELLED, updated_at=now, finished_at=now, cancel_requested_at=now)
             )
             if done.rowcount == 1:
-                await self._event(conn, job_id, None, JobState.PENDING, JobState.CANCELLED, "cancelled before it ran")
+                await self._event(conn, job_id, None, JobState.PENDING, JobState.CANCELLED, detail)
                 return JobState.CANCELLED
             asked = await conn.execute(
                 update(jobs).where(jobs.c.id == job_id, jobs.c.state == JobState.RUNNING,

@@ -276,7 +276,12 @@ async def test_run_stops_at_a_safe_point_when_asked_or_cancelled(emulator_factor
         running = asyncio.create_task(ff.run(SPEC, observer=observer, stop=stop))
         await observer.reached(StepName.ENDPOINT_READY, StepState.WAITING)
         stop.set()
-        assert (await running).state is JobState.CANCELLED
+        ended = await running
+        assert ended.state is JobState.CANCELLED
+        last = [e async for e in ff.events(ended)][-1]
+        assert (last.from_state, last.to_state, last.detail) == (
+            "PENDING", "CANCELLED",
+            "stopped, and cancelled: its resources were in the embedded emulator, which ends with this process")
 
 
 # --- events, reading ---------------------------------------------------------------------------

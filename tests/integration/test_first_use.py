@@ -183,6 +183,23 @@ def test_emulator_on_a_port_in_use_is_one_line_exit_2():
                              "another process listens there (--port 0 picks a free port)\n")
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (("--create-fail", "("), "error: emulator: --create-fail: '(' is not a regular expression: missing ), "
+                             "unterminated subpattern at position 0\n"),
+    (("--fail-rate", "0.2", "--page-churn", "0.5", "--late-by", "1", "--list-lag", "0", "--auth", "token"),
+     "error: emulator: auth='token' needs a token\n"),
+])
+def test_emulator_option_errors_name_the_option(args, message):
+    result = emulator_command("--port", "0", *args)
+    assert (result.returncode, result.stderr) == (2, message)
+
+
+def test_emulator_refuses_negative_delays():
+    result = emulator_command("--port", "0", "--ready-after", "-5")
+    assert result.returncode == 2
+    assert "Invalid value for '--ready-after': -5.0 is not in the range x>=0." in result.stderr
+
+
 @pytest.mark.parametrize(("content", "reason"), [
     ("{garbage", "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
     ("[1, 2]", "a JSON object was expected, not list"),
