@@ -465,8 +465,10 @@ class Fabricflow:
         handlers of those signals are back when it returns. ``ready`` is set once it claims
         jobs. On SQLite one daemon owns a file (UserError for a second) and resumes at start-up
         every job a crashed daemon left RUNNING. ``metrics_port`` serves ``/healthz`` and
-        ``/metrics`` on ``metrics_host`` (0: a free port, told to ``on_metrics_ready(url)``).
-        ``on_started`` is told the daemon's owner ID (as ``fabricflow status`` lists it) as it starts.
+        ``/metrics`` on ``metrics_host`` (0: a free port, told to ``on_metrics_ready(url)``); an
+        address it cannot listen on is a UserError, raised before the daemon registers or claims
+        anything. ``on_started`` is told the daemon's owner ID (as ``fabricflow status`` lists it)
+        once it is registered.
         """
         from orchestrator.engine.daemon import Daemon, new_owner
         from orchestrator.engine.health import DaemonMetrics
@@ -484,9 +486,7 @@ class Fabricflow:
                         observer=metrics)
         daemon = Daemon(store, runner, daemon_settings, url=self._settings.db, metrics=metrics,
                         metrics_address=None if metrics_port is None else (metrics_host, metrics_port),
-                        on_metrics_ready=on_metrics_ready)
-        if on_started is not None:
-            on_started(runner.owner)
+                        on_metrics_ready=on_metrics_ready, on_started=on_started)
         with self._database_errors(), _signals_restored():
             task = asyncio.ensure_future(daemon.run(ready=ready))
             relay = asyncio.ensure_future(_relay(stop, daemon.stop)) if stop is not None else None

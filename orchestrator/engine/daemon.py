@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import os
 import signal
@@ -79,6 +80,23 @@ def sqlite_file_lock(url: str) -> AsyncIterator[None]:  # type: ignore[misc]
         handle.close()  # closing releases the lock; the kernel does the same on kill -9
 
 
+def cannot_listen(exc: OSError | UnicodeError, host: str, port: int) -> UserError:
+    """The metrics address refused (``serving`` could not bind), as one line naming the option
+    to change: ``--metrics-host`` for a host that is not one or not this machine's, else
+    ``--metrics-port``."""
+    if isinstance(exc, socket.gaierror):  # its errno is an EAI_ code, which os.strerror does not know
+        option, reason = "--metrics-host", (exc.strerror or str(exc)).lower()
+    elif isinstance(exc, UnicodeError):  # the IDNA codec: a label empty or longer than 63 characters
+        option, reason = "--metrics-host", "not a valid host name"
+    else:
+        option = "--metrics-host" if exc.errno == errno.EADDRNOTAVAIL else "--metrics-port"
+        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+    in_use = isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE
+    hint = "; another process listens there (--metrics-port 0 picks a free one)" if in_use else ""
+    shown = f"[{host}]" if ":" in host else host
+    return UserError(f"daemon: cannot listen on {shown}:{port} ({option}): {reason}{hint}")
+
+
 #: Most jobs claimed per claim round.
 CLAIM_BATCH = 100
 
@@ -152,6 +170,7 @@ class Daemon:
     def __init__(self, store: JobStore, runner: Runner, settings: DaemonSettings, *, url: str,
                  metrics: DaemonMetrics | None = None, metrics_address: tuple[str, int] | None = None,
                  on_metrics_ready: Callable[[str], None] | None = None,
+                 on_started: Callable[[str], None] | None = None,
                  routes: Iterable[web.RouteDef] = ()) -> None:
         self.store = store
         self.runner = runner
@@ -167,6 +186,7 @@ class Daemon:
         self.metrics_address = metrics_address
         self.routes = list(routes)  # extra pages on the metrics port (e.g. a live web page)
         self.on_metrics_ready = on_metrics_ready
+        self.on_started = on_started  # told the owner once registered: nothing of a refused start is announced
         self.owner = runner.owner
         self.tasks: dict[str, asyncio.Task[object]] = {}
         self._wake = asyncio.Event()
@@ -185,24 +205,26 @@ class Daemon:
         cfg = self.settings
         lock = sqlite_file_lock(self.url) if db.is_sqlite(self.url) else contextlib.nullcontext()
         with lock:
-            # After the lock: a second daemon refused on a SQLite file leaves no row behind.
-            await self.store.writer.run(ops.register_daemon(
-                self.owner, host=socket.gethostname(), pid=os.getpid(), version=_version(),
-                lease=cfg.lease_seconds), urgent=True)
-            # The registry row carries a heartbeat from now on: /healthz says so from the start,
-            # not null until the first beat of the loop (heartbeat_seconds later).
-            self.metrics.last_heartbeat = time.monotonic()
             async with contextlib.AsyncExitStack() as stack:
+                # Bound before registering: a metrics address the daemon cannot have is one
+                # UserError with no registry row left behind and no job claimed, as is a second
+                # daemon refused by the lock. Until the registration /healthz answers 503 "starting"
+                # (no heartbeat yet), whatever metrics object it was handed.
+                self.metrics.last_heartbeat = None
+                metrics_url = None if self.metrics_address is None else await self._serve_metrics(stack)
+                await self.store.writer.run(ops.register_daemon(
+                    self.owner, host=socket.gethostname(), pid=os.getpid(), version=_version(),
+                    lease=cfg.lease_seconds), urgent=True)
+                # The registry row carries a heartbeat from now on: /healthz says so from the start,
+                # not null until the first beat of the loop (heartbeat_seconds later).
+                self.metrics.last_heartbeat = time.monotonic()
+                if self.on_started is not None:
+                    self.on_started(self.owner)
+                if metrics_url is not None and self.on_metrics_ready is not None:
+                    self.on_metrics_ready(metrics_url)  # announced once /healthz has a heartbeat to tell
                 await stack.enter_async_context(heartbeat(self.store, self.runner, cfg, self.metrics.beat,
                                                           registered=True))
                 await stack.enter_async_context(self.store.listen(self._wake.set))
-                if self.metrics_address is not None:
-                    host, port = self.metrics_address
-                    await stack.enter_async_context(serving(
-                        self.metrics, owner=self.owner, running=lambda: len(self.tasks),
-                        lease_seconds=cfg.lease_seconds, host=host, port=port, on_ready=self.on_metrics_ready,
-                        probe=self._probe, job_counts=self._job_counts, routes=self.routes,
-                        setup=self._live_page))
                 if db.is_sqlite(self.url):
                     # This process owns the file: a RUNNING job whose holder died (a crashed
                     # daemon or `fabricflow run`) is resumed now, without waiting for its lease.
@@ -249,6 +271,19 @@ class Daemon:
         writes = self.store.writer.stats()
         log.info("daemon_stopped", owner=self.owner, write_commits=writes.batches,
                  write_operations=writes.operations, write_statements=writes.statements)
+
+    async def _serve_metrics(self, stack: contextlib.AsyncExitStack) -> str:
+        """Bind and serve /healthz, /metrics and /ui/ on ``metrics_address`` for the rest of
+        ``stack``; its URL. A bind that fails is a UserError naming the option."""
+        assert self.metrics_address is not None
+        host, port = self.metrics_address
+        try:
+            return await stack.enter_async_context(serving(
+                self.metrics, owner=self.owner, running=lambda: len(self.tasks),
+                lease_seconds=self.settings.lease_seconds, host=host, port=port, probe=self._probe,
+                job_counts=self._job_counts, routes=self.routes, setup=self._live_page))
+        except (OSError, UnicodeError) as exc:
+            raise cannot_listen(exc, host, port) from None
 
     async def _clock_agrees(self, lease: float) -> bool:
         """Whether this machine's clock agrees with the database's closely enough to take over

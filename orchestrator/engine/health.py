@@ -192,7 +192,11 @@ def build_app(metrics: DaemonMetrics, *, owner: str, running: Callable[[], int],
         now = time.monotonic()
         age = None if metrics.last_heartbeat is None else now - metrics.last_heartbeat
         problems = []
-        if age is not None and age >= lease_seconds:
+        if age is None:
+            # Bound but not registered yet (the daemon binds first, so that a port it cannot have
+            # leaves no registry row): nothing to call healthy, nor a lapsed heartbeat.
+            problems.append("starting: not registered yet")
+        elif age >= lease_seconds:
             problems.append(f"no lease heartbeat for {age:.0f}s")
         if now - loop_tick[0] > max(10 * LOOP_TICK, 5.0):
             problems.append(f"event loop stalled for {now - loop_tick[0]:.0f}s")
@@ -201,7 +205,8 @@ def build_app(metrics: DaemonMetrics, *, owner: str, running: Callable[[], int],
                 await asyncio.wait_for(probe(), PROBE_TIMEOUT)
             except Exception as exc:  # noqa: BLE001 - any failure means the database is not answering
                 problems.append(f"database not answering ({type(exc).__name__})")
-        body = {"status": "unhealthy" if problems else "ok", "owner": owner, "jobs_running": running(),
+        status = "starting" if age is None else "unhealthy" if problems else "ok"
+        body = {"status": status, "owner": owner, "jobs_running": running(),
                 "seconds_since_heartbeat": None if age is None else round(age, 1), "problems": problems}
         return web.json_response(body, status=503 if problems else 200)
 
@@ -229,12 +234,17 @@ def build_app(metrics: DaemonMetrics, *, owner: str, running: Callable[[], int],
 
 @asynccontextmanager
 async def serving(metrics: DaemonMetrics, *, owner: str, running: Callable[[], int], lease_seconds: float,
-                  host: str, port: int, on_ready: Callable[[str], None] | None = None,
+                  host: str, port: int,
                   probe: Callable[[], Awaitable[object]] | None = None,
                   job_counts: Callable[[], Awaitable[dict[str, int]]] | None = None,
                   routes: Routes = (), setup: Callable[[web.Application], None] | None = None,
                   ) -> AsyncIterator[str]:
-    """Serve ``build_app`` on ``host:port`` (0: a free port) while the block runs."""
+    """Serve ``build_app`` on ``host:port`` (0: a free port) while the block runs; yields its URL.
+
+    Entering raises what binding raises: ``OSError`` (the port taken, an address not of this
+    machine), ``socket.gaierror`` (a host that does not resolve), ``UnicodeError`` (a host name
+    that is not one).
+    """
     app = build_app(metrics, owner=owner, running=running, lease_seconds=lease_seconds, probe=probe,
                     job_counts=job_counts, routes=routes, setup=setup)
     runner = web.AppRunner(app, access_log=None)
@@ -243,9 +253,6 @@ async def serving(metrics: DaemonMetrics, *, owner: str, running: Callable[[], i
         site = web.TCPSite(runner, host, port)
         await site.start()
         bound = runner.addresses[0][1]
-        url = f"http://{host}:{bound}"
-        if on_ready is not None:
-            on_ready(url)
-        yield url
+        yield f"http://{host}:{bound}"
     finally:
         await runner.cleanup()

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sqlite3
 import sys
 import textwrap
@@ -484,6 +485,32 @@ async def test_the_daemon_started_from_python_runs_jobs_and_stops_cleanly(flow, 
     assert (await flow.get(later)).state is JobState.SUCCEEDED
     with pytest.raises(UserError, match="concurrency must be at least 1"):
         await flow.serve(concurrency=0)
+
+
+async def test_the_daemon_refuses_a_metrics_port_in_use_before_it_registers(flow, emulator, db_path):
+    await flow.submit(SPEC)
+    started: list[str] = []
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(UserError) as refused:
+            await flow.serve(metrics_port=port, on_started=started.append, on_metrics_ready=started.append)
+    assert str(refused.value) == (f"daemon: cannot listen on 127.0.0.1:{port} (--metrics-port): address already "
+                                  "in use; another process listens there (--metrics-port 0 picks a free one)")
+    assert started == []  # nothing announced
+    assert rows(db_path, "SELECT owner FROM daemons") == []
+    assert rows(db_path, "SELECT state, lease_owner FROM jobs") == [("PENDING", None)]
+    assert (await stats(emulator.url))["requests"] == 0
+    # The file is free again: the next daemon, on a free port, starts.
+    ready = asyncio.Event()
+    daemon = asyncio.create_task(flow.serve(ready=ready, metrics_port=0, on_metrics_ready=started.append))
+    async with asyncio.timeout(30):
+        await ready.wait()
+    daemon.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await daemon
+    assert len(started) == 1 and started[0].startswith("http://127.0.0.1:")
 
 
 # --- a plain script, secrets, logging --------------------------------------------------------

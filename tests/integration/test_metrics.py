@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import http.server
 import json
+import socket
+import sqlite3
 import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
 from importlib.metadata import version
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -254,4 +257,116 @@ def test_healthz_counts_the_registration_as_the_first_heartbeat(tmp_path: Path):
             daemon.terminate()
             assert daemon.wait(timeout=30) == 0
     finally:
+        emulator.stop()
+
+
+# --- a metrics address the daemon cannot have ---------------------------------------------------
+
+
+def refused_daemon(db_url: str, fabric_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`fabricflow daemon ARGS` expected to stop at once: its exit code and output."""
+    return subprocess.run([*FABRICFLOW, "daemon", "--db", db_url, "--fabric-url", fabric_url, *args],
+                          capture_output=True, text=True, env=env(), timeout=60)
+
+
+def assert_nothing_done(db: Path, job_id: str, emulator: Emulator) -> None:
+    """No registry row (in the file and as `status --json` reads it), the job untouched, Fabric never asked."""
+    assert query(db, "SELECT count(*) FROM daemons") == [(0,)]
+    assert json.loads(cli("status", "--json", "--db", f"sqlite:///{db}").stdout)["daemons"] == []
+    assert query(db, "SELECT state, lease_owner, recoveries FROM jobs WHERE id=?", job_id) == [("PENDING", None, 0)]
+    assert query(db, "SELECT count(*) FROM events WHERE job_id=?", job_id) == [(1,)]  # its submission only
+    assert emulator.stats()["requests"] == 0
+
+
+def test_a_metrics_port_in_use_is_one_line_exit_2_and_leaves_no_daemon_row(tmp_path: Path):
+    emulator = Emulator(log=tmp_path / "e.log")
+    holder = socket.socket()
+    try:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        db = tmp_path / "jobs.db"
+        url = f"sqlite:///{db}"
+        job_id = cli("submit", str(QUICKSTART), "--db", url).stdout.strip()
+        refused = refused_daemon(url, emulator.url, "--metrics-port", str(port))
+        assert (refused.returncode, refused.stdout) == (2, "")
+        assert refused.stderr == (f"error: daemon: cannot listen on 127.0.0.1:{port} (--metrics-port): address "
+                                  "already in use; another process listens there (--metrics-port 0 picks a free "
+                                  "one)\n")
+        assert_nothing_done(db, job_id, emulator)
+    finally:
+        holder.close()
+        emulator.stop()
+
+
+def gai_reason(host: str) -> str:
+    """What this machine's resolver says of ``host``, as the daemon words it."""
+    with pytest.raises(socket.gaierror) as refused:
+        socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    return str(refused.value.strerror).lower()
+
+
+# Names the resolver refuses itself, before asking any DNS server (glibc: a space is no hostname
+# character; the IDNA codec: an empty label), so that no query leaves the machine.
+@pytest.mark.parametrize("host, reason", [("not a host", gai_reason),
+                                          ("not..host", lambda _host: "not a valid host name")],
+                         ids=["unresolvable", "no-hostname"])
+def test_an_unresolvable_metrics_host_is_one_line_exit_2_and_leaves_no_daemon_row(
+        tmp_path: Path, host: str, reason: Callable[[str], str]):
+    emulator = Emulator(log=tmp_path / "e.log")
+    try:
+        db = tmp_path / "jobs.db"
+        url = f"sqlite:///{db}"
+        job_id = cli("submit", str(QUICKSTART), "--db", url).stdout.strip()
+        refused = refused_daemon(url, emulator.url, "--metrics-port", "0", "--metrics-host", host)
+        assert (refused.returncode, refused.stdout) == (2, "")
+        assert refused.stderr == f"error: daemon: cannot listen on {host}:0 (--metrics-host): {reason(host)}\n"
+        assert_nothing_done(db, job_id, emulator)
+    finally:
+        emulator.stop()
+
+
+def test_healthz_says_starting_while_the_daemon_is_bound_but_not_registered(tmp_path: Path):
+    """The daemon binds its metrics port before it registers; a probe in between hears 503
+    "starting", never "ok", and nothing is announced until the registration."""
+    emulator = Emulator(log=tmp_path / "e.log")
+    db = tmp_path / "jobs.db"
+    url = f"sqlite:///{db}"
+    cli("db", "upgrade", "--db", url)
+    with socket.socket() as probe:  # a free port, to know where to look before anything is announced
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    writer = sqlite3.connect(db, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # the registration waits for this (its busy timeout is 30 s)
+    log = tmp_path / "d.log"
+    daemon = None
+    try:
+        with open(log, "w") as err:
+            daemon = subprocess.Popen([*FABRICFLOW, "daemon", "--db", url, "--fabric-url", emulator.url,
+                                       "--metrics-port", str(port)], stdout=subprocess.DEVNULL, stderr=err,
+                                      env=env())
+
+        def answered() -> tuple[int, dict[str, Any]] | None:
+            try:
+                return health(f"http://127.0.0.1:{port}")
+            except OSError:  # not bound yet
+                return None
+
+        status, body = wait_for("/healthz to answer", answered, timeout=20)
+        assert (status, body["status"], body["seconds_since_heartbeat"]) == (503, "starting", None), body
+        assert "starting: not registered yet" in body["problems"]
+        assert log.read_text() == ""  # neither "fabricflow daemon ... on" nor "health and metrics on" yet
+        assert query(db, "SELECT count(*) FROM daemons") == [(0,)]
+        writer.rollback()
+        wait_for("the metrics address", lambda: "health and metrics on" in log.read_text())
+        status, body = health(f"http://127.0.0.1:{port}")
+        assert (status, body["status"]) == (200, "ok"), body
+        assert isinstance(body["seconds_since_heartbeat"], float)
+        lines = log.read_text().splitlines()
+        assert lines[0].startswith("fabricflow daemon ") and lines[1].startswith("health and metrics on")
+    finally:
+        writer.close()
+        if daemon is not None:
+            daemon.terminate()
+            assert daemon.wait(timeout=30) == 0
         emulator.stop()
