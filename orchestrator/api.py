@@ -51,6 +51,7 @@ from orchestrator.domain import Event, Invocation, Job
 from orchestrator.errors import (
     DatabaseError,
     FabricError,
+    InvocationFailedError,
     JobFailedError,
     NotFoundError,
     UserError,
@@ -413,14 +414,17 @@ class Fabricflow:
         max_tokens: int | None = None,
         top_p: float | None = None,
         on_text: Callable[[str], None] | None = None,
+        check: bool = False,
     ) -> Invocation:
         """A new streamed chat completion on the job's service instance, stored with the job.
 
         ``message`` is the user's message, or a whole conversation (``[{"role": ..., "content":
         ...}, ...]``); ``system`` is sent before it. ``on_text`` sees each piece of the reply as
         it arrives. Returns the stored record: its ``reply``, ``usage``, ``finish_reason``, time
-        to first token and duration, or its ``error`` if Fabric refused. On the embedded
-        emulator, only a job this ``Fabricflow`` ran can be invoked (its resources are here).
+        to first token and duration, or its ``error`` if Fabric refused (or could not be
+        reached). ``check=True`` raises InvocationFailedError instead, with the stored record
+        and the FabricError, once the record is stored. On the embedded emulator, only a job
+        this ``Fabricflow`` ran can be invoked (its resources are here).
         """
         store = self._job_store()
         if self.is_embedded and self._fabric is None:
@@ -434,7 +438,11 @@ class Fabricflow:
         with self._database_errors():
             target_job = await _target_of(store, await self._resolve(job))
             _target, client = await self._client()
-            return await _invoke_once(store, target_job, client, {"messages": messages, **options}, on_text)
+            record, error = await _invoke_once(store, target_job, client, {"messages": messages, **options},
+                                               on_text)
+        if check and error is not None:
+            raise InvocationFailedError(record, error)
+        return record
 
     async def invocable(self, job: JobRef) -> Job:
         """The job, if ``invoke`` can talk to it: a create job whose service instance is RUNNING.
@@ -545,24 +553,29 @@ class Fabricflow:
 
         It looks through every workspace and what each holds; ``on_start`` is told Fabric's URL as
         the look begins. ``recheck=True`` judges what was found again against the jobs as they are
-        afterwards (do so just before deleting). Reads only, on Fabric and in the database.
+        afterwards (do so just before deleting). Reads only, on Fabric and in the database. Each
+        listing is retried on transient errors as a job's step is (``retry`` settings); one that
+        still fails raises its RetryableError.
         """
         from orchestrator.orphans import find_orphans, read_records
         from orchestrator.orphans import recheck as judge
+        from orchestrator.retries import RetryPolicy
 
         store = self._job_store()
         with self._database_errors():
             target, client = await self._client()
             if on_start is not None:
                 on_start(target.fabric_url)
-            found = await find_orphans(client, lambda: read_records(store))
+            found = await find_orphans(client, lambda: read_records(store),
+                                       retry=RetryPolicy.from_settings(self._settings))
             return judge(found, await read_records(store)) if recheck else found
 
     async def delete_orphans(self, orphans: Sequence[Orphan], *, timeout: float | None = None,
                              on_event: Callable[[DeleteEvent], None] | None = None) -> list[Deletion]:
         """Delete the orphans not skipped: service instances first, then models and endpoints,
         then empty workspaces, each waited until gone (at most ``timeout`` seconds, 30 minutes by
-        default). ``on_event`` sees each deletion, failure and progress note. A failure is in its
+        default). ``on_event`` sees each deletion, failure and progress note. A delete is retried
+        on transient errors as a job's step is (``retry`` settings); a failure is in its
         ``Deletion.error``, and the rest carry on."""
         from orchestrator.orphans import DeleteSettings, delete_orphans
 
@@ -747,8 +760,9 @@ async def _target_of(store: JobStore | ReadOnlyStore, job_id: str) -> Job:
 
 
 async def _invoke_once(store: JobStore, job: Job, client: FabricClient, request: dict[str, Any],
-                       on_text: Callable[[str], None] | None) -> Invocation:
-    """One streamed invocation, stored with its reply and timings, or with Fabric's error."""
+                       on_text: Callable[[str], None] | None) -> tuple[Invocation, FabricError | None]:
+    """One streamed invocation, stored with its reply and timings, or with Fabric's error (also
+    returned)."""
     instance_id = job.resource_id(StepName.SERVICE_INSTANCE)
     workspace_id = job.resource_id(StepName.WORKSPACE)
     assert instance_id and workspace_id
@@ -764,14 +778,15 @@ async def _invoke_once(store: JobStore, job: Job, client: FabricClient, request:
     try:
         result = await client.invoke(workspace_id, instance_id, request, on_text=text)
     except FabricError as exc:
-        return await store.record_invocation(
+        failed = await store.record_invocation(
             job.id, service_instance_id=instance_id, request=request, error=exc.as_dict(),
             duration_ms=int((time.monotonic() - started) * 1000))
+        return failed, exc
     return await store.record_invocation(
         job.id, service_instance_id=instance_id, request=request, reply=result.reply,
         finish_reason=result.finish_reason, usage=result.usage,
         ttft_ms=int((first[0] - started) * 1000) if first else None,
-        duration_ms=int((time.monotonic() - started) * 1000))
+        duration_ms=int((time.monotonic() - started) * 1000)), None
 
 
 # --- stores and the database -------------------------------------------------------------------
@@ -790,12 +805,14 @@ async def plan_spec(spec: JobSpec, *, settings: Settings,
                     templated: Mapping[str, str] | None = None) -> tuple[Plan, str]:
     """What ``run`` would do with ``spec`` against the Fabric of ``settings`` (``fabricflow plan``):
     only reads are sent, and no database is opened. Returns the plan and where it was checked:
-    ``embedded``, or Fabric's URL. ``templated``: names as written, for parts whose name holds ``{job}``."""
+    ``embedded``, or Fabric's URL. ``templated``: names as written, for parts whose name holds ``{job}``.
+    Each look-up is retried on transient errors as a job's step is (``retry`` settings)."""
     from orchestrator.plan import make_plan
+    from orchestrator.retries import RetryPolicy
     from orchestrator.wiring import client_for, fabric_target
 
     async with fabric_target(settings, announce=False) as target, client_for(settings, target) as client:
-        made = await make_plan(client, spec, templated=templated)
+        made = await make_plan(client, spec, templated=templated, retry=RetryPolicy.from_settings(settings))
     return made, "embedded" if target.embedded else target.fabric_url
 
 

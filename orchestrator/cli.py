@@ -92,7 +92,8 @@ def run(ctx: click.Context, spec_file: str, as_json: bool) -> None:
     Ctrl-C stops at a safe point and leaves the job PENDING for a daemon (or another run) to
     finish; on the embedded emulator (no --fabric-url), whose resources end with this process, the
     job is CANCELLED instead. Exit code 0 when the job succeeds, 1 when it fails, 130 when
-    interrupted.
+    interrupted; before it starts, 2 for a bad spec, 3 for a reused resource that does not
+    exist, 4 when Fabric cannot be reached (or fails) to check one.
     Warnings (retried requests) appear as progress lines, unless log_format is json.
     """
     from orchestrator.machine import JobState
@@ -347,7 +348,11 @@ def plan(ctx: click.Context, spec_file: str, as_json: bool) -> None:
     embedded emulator answers, where nothing exists yet; --fabric-url checks a long-running one
     (or, with --region, Fabric).
 
-    Exit code 0 when run would go ahead, 2 when it would refuse the spec.
+    Each look-up is retried on transient errors as a job's step is (retry.max_attempts times,
+    with backoff, honouring Retry-After).
+
+    Exit code 0 when run would go ahead, 2 when it would refuse the spec, 4 when Fabric could
+    not be reached or failed a look-up still after those retries (so nothing is known of the spec).
     """
     # Log events (a retried read) are short lines on stderr, as in `run`: stdout is the plan.
     settings = settings_from(ctx, log_lines=lambda line: click.echo(line, err=True))

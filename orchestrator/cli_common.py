@@ -1,7 +1,9 @@
 """What every command module of the CLI shares: global options, Settings, exit codes, stores.
 
-Exit codes: 0 success, 1 the job failed, 2 bad input, 3 not found, 130 interrupted (Ctrl-C;
-128 + the signal's number for other signals, as shells report it).
+Exit codes: 0 success, 1 the job failed, 2 bad input, 3 not found, 4 Fabric could not be
+reached or failed a command's own request (a transport error, a timeout, a 5xx, a 429, an
+unknown outcome; Fabric refusing the user's input is 2, or 3 for a 404: ``orchestrator.errors``),
+130 interrupted (Ctrl-C; 128 + the signal's number for other signals, as shells report it).
 
 Nothing heavy is imported at module level here or in the command modules: SQLAlchemy, Alembic,
 aiohttp, pydantic-settings and the engine are imported inside the commands that need them, so
@@ -141,6 +143,7 @@ class Group(click.Group):
             return super().invoke(ctx)
         except OrchestratorError as exc:
             click.echo(f"error: {exc}", err=True)
+            # Each error knows its code (errors.py): a FabricError's says whose fault it was.
             ctx.exit(getattr(exc, "exit_code", 2))
         except KeyboardInterrupt:
             # Not click's "Aborted!" and exit 1, which the README reserves for a failed job.

@@ -22,7 +22,7 @@ from orchestrator.cli_common import (
     settings_from,
     with_flow,
 )
-from orchestrator.errors import UserError
+from orchestrator.errors import InvocationFailedError, UserError
 from orchestrator.machine import JobState, StepState
 
 if TYPE_CHECKING:
@@ -132,14 +132,15 @@ def invocation_options(func: Any) -> Any:
 
 
 async def _invoke_once(flow: Fabricflow, job_ref: str, messages: list[dict[str, str]],
-                       options: dict[str, Any], *, system: str | None) -> Invocation:
-    """One invocation through the API, its reply streaming to stderr (then a newline)."""
+                       options: dict[str, Any], *, system: str | None, check: bool = False) -> Invocation:
+    """One invocation through the API, its reply streaming to stderr (then a newline);
+    ``check`` as in ``Fabricflow.invoke``."""
 
     def on_text(text: str) -> None:
         sys.stderr.write(text)
         sys.stderr.flush()
 
-    record = await flow.invoke(job_ref, messages, system=system, on_text=on_text, **options)
+    record = await flow.invoke(job_ref, messages, system=system, on_text=on_text, check=check, **options)
     if record.error is None:
         sys.stderr.write("\n")
     return record
@@ -164,21 +165,27 @@ def invoke(ctx: click.Context, job_ref: str, message: str, temperature: float | 
     """Send MESSAGE to JOB's service instance; the reply streams to stderr as it arrives.
 
     Each invocation is stored with its reply, usage, finish_reason, time to first token and
-    duration.
+    duration, or with Fabric's error. Exit code 0 when Fabric answered; 4 when it could not be
+    reached or failed (a connection refused or cut, a timeout, a 5xx, a 429), 2 when it refused
+    the request (a 4xx: a value it rejects, credentials it does not accept), 3 when it says the
+    service instance does not exist.
     """
     settings = settings_from(ctx)
     _embedded_hint(settings)
     options = _options(temperature, max_tokens, top_p)
 
     async def go(flow: Fabricflow) -> Invocation:
-        return await _invoke_once(flow, job_ref, [{"role": "user", "content": message}], options, system=system)
+        return await _invoke_once(flow, job_ref, [{"role": "user", "content": message}], options, system=system,
+                                  check=True)
 
-    record = run_async(with_flow(settings, go))
+    try:
+        record = run_async(with_flow(settings, go))
+    except InvocationFailedError as exc:
+        if as_json:
+            emit_json(exc.invocation.as_json())
+        raise  # one line, "error: MESSAGE", and the error's exit code
     if as_json:
         emit_json(record.as_json())
-    if record.error:
-        click.echo(f"error: {record.error['message']}", err=True)
-        ctx.exit(EXIT_FAILED)
 
 
 @click.command()
@@ -190,7 +197,8 @@ def chat(ctx: click.Context, job_ref: str, temperature: float | None, max_tokens
          top_p: float | None, system: str | None) -> None:
     """Talk with JOB's service instance: one line per turn, the conversation kept; Ctrl-D ends.
 
-    Every turn is stored like `fabricflow invoke`.
+    Every turn is stored like `fabricflow invoke`. A turn Fabric does not answer prints its
+    error and is left out of the conversation, which goes on.
     """
     settings = settings_from(ctx)
     _embedded_hint(settings)

@@ -67,6 +67,12 @@ def orphans(ctx: click.Context, delete: bool, timeout: float | None, as_json: bo
     serves something that is not an orphan. A marker whose job is not in this database may be
     another database's (another --db, another machine): check before deleting.
 
+    Every listing and delete is retried on transient errors as a job's step is
+    (retry.max_attempts times, with backoff, honouring Retry-After). Exit code 0 when the look
+    (and the deletes) went through, 1 when a delete did not, 4 when Fabric could not be reached
+    or failed a listing still after those retries (nothing is listed or deleted then), 2 when it
+    refused the credentials, 3 for a missing database.
+
     \b
     Examples:
       fabricflow orphans --fabric-url http://127.0.0.1:8080

@@ -6,6 +6,8 @@ through every workspace (and the endpoints, models and service instances inside 
 sorts what carries a marker against the jobs; ``delete_orphans`` deletes the orphans in
 dependency order, waiting until each is gone. Nothing a job records is ever an orphan, and
 nothing of a job that is still under way is ever deleted: its create may be awaiting its record.
+Every listing and every delete is retried on transient errors as a job's step is
+(``retries.persist``: the engine's attempts and backoff, honouring Retry-After).
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from orchestrator.machine import (
     JobState,
     ResourceKind,
     StepState,
-    backoff,
     poll_delay,
 )
+from orchestrator.retries import RetryPolicy, persist
 
 if TYPE_CHECKING:
     from orchestrator.fabric.client import FabricClient
@@ -195,22 +197,27 @@ async def read_records(store: JobStore) -> Records:
 # --- finding ------------------------------------------------------------------------------
 
 
-async def find_orphans(client: FabricClient,
-                       recorded: Records | Callable[[], Awaitable[Records]]) -> list[Orphan]:
+async def find_orphans(client: FabricClient, recorded: Records | Callable[[], Awaitable[Records]], *,
+                       retry: RetryPolicy | None = None) -> list[Orphan]:
     """Every resource carrying a marker that no job records, workspaces last; skipped ones too.
 
     ``recorded`` is best a coroutine function reading the database: it is called after Fabric
     has been looked through, so that a job submitted meanwhile is known by the time its
-    resources are judged (read before, they would look like another database's).
+    resources are judged (read before, they would look like another database's). ``retry``:
+    how each listing is retried (see ``scan``).
     """
-    resources = await scan(client)
+    resources = await scan(client, retry=retry)
     records = recorded if isinstance(recorded, Records) else await recorded()
     return sort_out(resources, records)
 
 
-async def scan(client: FabricClient) -> list[Resource]:
-    """Every workspace, and the endpoints, models and service instances inside each (all pages)."""
-    workspaces = await client.list_workspaces()
+async def scan(client: FabricClient, *, retry: RetryPolicy | None = None) -> list[Resource]:
+    """Every workspace, and the endpoints, models and service instances inside each (all pages).
+
+    Each listing is retried on transient errors under ``retry`` (none: only the client's in-call
+    retries); one that still fails raises, and nothing is judged on a partial look.
+    """
+    workspaces = await persist(client.list_workspaces, retry)
     found = [Resource(ResourceKind.WORKSPACE, w.id, w.name, None, w.description) for w in workspaces]
     slots = asyncio.Semaphore(SCAN_CONCURRENCY)
 
@@ -218,9 +225,10 @@ async def scan(client: FabricClient) -> list[Resource]:
         async with slots:
             try:
                 endpoints, models, instances = await asyncio.gather(
-                    client.list_endpoints(workspace_id),
-                    client.list_models(workspace_id, sort_by="CREATE_TIME", order_by="ASC"),
-                    client.list_service_instances(workspace_id, sort_by="CREATE_TIME", order_by="ASC"))
+                    persist(lambda: client.list_endpoints(workspace_id), retry),
+                    persist(lambda: client.list_models(workspace_id, sort_by="CREATE_TIME", order_by="ASC"), retry),
+                    persist(lambda: client.list_service_instances(workspace_id, sort_by="CREATE_TIME",
+                                                                  order_by="ASC"), retry))
             except TerminalError as exc:
                 if exc.status == 404:
                     return []  # deleted since it was listed, with everything in it
@@ -294,7 +302,8 @@ def recheck(orphans: list[Orphan], records: Records) -> list[Orphan]:
 
 @dataclass(frozen=True)
 class DeleteSettings:
-    """How long to wait for a delete to finish, how often to look, how often to retry."""
+    """How long to wait for a delete to finish, how often to look, how often to retry (a
+    delete met by a transient error: the engine's ``retry`` settings, see ``retries.persist``)."""
 
     timeout: float = 30 * 60.0  # as a teardown's wait
     poll_initial: float = 1.0
@@ -340,27 +349,21 @@ async def delete_orphans(client: FabricClient, orphans: list[Orphan], on_event: 
 
 
 async def _delete(client: FabricClient, orphan: Orphan, settings: DeleteSettings) -> None:
-    attempts = 0
-    while True:
-        try:
-            await _send_delete(client, orphan)
+    policy = RetryPolicy(attempts=settings.attempts, backoff_base=settings.backoff_base,
+                         backoff_cap=settings.backoff_cap)
+    try:
+        await persist(lambda: _send_delete(client, orphan), policy)
+    except TerminalError as exc:
+        # Already gone, or already being deleted (a second run): both are what was wanted.
+        if exc.status == 404 or (exc.status == 400 and "DELETING" in exc.message.upper()):
             return
-        except RetryableError:
-            attempts += 1
-            if attempts >= settings.attempts:
-                raise
-            await asyncio.sleep(backoff(attempts, base=settings.backoff_base, cap=settings.backoff_cap))
-        except TerminalError as exc:
-            # Already gone, or already being deleted (a second run): both are what was wanted.
-            if exc.status == 404 or (exc.status == 400 and "DELETING" in exc.message.upper()):
-                return
-            try:
-                gone = (await _status(client, orphan))[0]
-            except FabricError:
-                gone = False
-            if gone:
-                return
-            raise
+        try:
+            gone = (await _status(client, orphan))[0]
+        except FabricError:
+            gone = False
+        if gone:
+            return
+        raise
 
 
 async def _send_delete(client: FabricClient, o: Orphan) -> None:

@@ -10,6 +10,10 @@ itself nothing can exist yet, so no look-up is made there, as the engine makes n
 
 ``check_first_create`` is the same checks for the engine to make before a job's first create,
 so that a spec ``plan`` refuses leaves no resource behind when it is run anyway.
+
+``plan`` has no step to come back to: each of its look-ups is retried on transient errors in
+the call, as the engine retries a step (``retries.persist``, given by ``make_plan``'s ``retry``);
+the engine's own checks are retried by its steps and take no ``retry``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from orchestrator.engine.steps import CREATE_STEPS, POLL_STEPS, CreateStep, Foun
 from orchestrator.errors import TerminalError
 from orchestrator.fabric.client import FabricClient
 from orchestrator.machine import STEPS, Action, JobState, StepName, StepState
+from orchestrator.retries import RetryPolicy, persist
 from orchestrator.spec import (JOB, RESOURCE_PARTS, JobSpec, has_job, parse_spec, read_spec_data, with_index,
                                with_job)
 
@@ -101,13 +106,16 @@ def read_draft(path: str | Path) -> tuple[JobSpec, dict[str, str]]:
 # --- the checks -------------------------------------------------------------------------------------
 
 
-async def make_plan(client: FabricClient, spec: JobSpec, *, templated: Mapping[str, str] | None = None) -> Plan:
+async def make_plan(client: FabricClient, spec: JobSpec, *, templated: Mapping[str, str] | None = None,
+                    retry: RetryPolicy | None = None) -> Plan:
     """What ``run`` would do with ``spec`` against ``client``'s Fabric; reads only.
 
     ``templated``: names as written, for the parts whose name holds ``{job}`` (``read_draft``).
+    ``retry``: how each look-up is retried on transient errors (none: only the client's in-call
+    retries); one that still fails raises.
     """
     templated = templated or {}
-    refusals = await catalogue_refusals(client, spec)
+    refusals = await catalogue_refusals(client, spec, retry=retry)
     workspace_id: str | None = None  # an existing workspace the job would use
     fresh = False  # the job would create its workspace: nothing exists inside it yet
     planned: list[PlannedStep] = []
@@ -115,7 +123,8 @@ async def make_plan(client: FabricClient, spec: JobSpec, *, templated: Mapping[s
         if row.action is Action.CREATE:
             ops = CREATE_STEPS[row.name]
             step = await _create_step(client, row.name, ops, spec, workspace_id=workspace_id, fresh=fresh,
-                                      shown=templated.get(ops.spec_key), refusal=refusals.get(row.name))
+                                      shown=templated.get(ops.spec_key), refusal=refusals.get(row.name),
+                                      retry=retry)
             if row.name is StepName.WORKSPACE:
                 fresh = step.action == "create"
                 workspace_id = step.id if step.action in ("reuse", "adopt") else None
@@ -132,15 +141,19 @@ async def make_plan(client: FabricClient, spec: JobSpec, *, templated: Mapping[s
     return Plan(tuple(planned))
 
 
-async def catalogue_refusals(client: FabricClient, spec: JobSpec) -> dict[StepName, str]:
+async def catalogue_refusals(client: FabricClient, spec: JobSpec, *,
+                             retry: RetryPolicy | None = None) -> dict[StepName, str]:
     """The check the engine makes before a job's first create (``procedure._check_catalogues``):
-    each created part's catalogue values, by step, with the validator's message for a bad one."""
+    each created part's catalogue values, by step, with the validator's message for a bad one.
+    ``retry`` as in ``make_plan``."""
     refusals: dict[StepName, str] = {}
     for name, ops in CREATE_STEPS.items():
-        if ops.validate is None or ops.reuse(spec) is not None:
+        validate = ops.validate
+        if validate is None or ops.reuse(spec) is not None:
             continue
+        body = getattr(spec, ops.spec_key).model_dump(mode="json", exclude_none=True)
         try:
-            await ops.validate(client, getattr(spec, ops.spec_key).model_dump(mode="json", exclude_none=True))
+            await persist(lambda: validate(client, body), retry)
         except TerminalError as exc:
             if exc.code != "fabricflow.invalid_spec":
                 raise
@@ -177,13 +190,13 @@ async def check_first_create(client: FabricClient, spec: JobSpec, job: Job, *, f
 
 async def _create_step(client: FabricClient, name: StepName, ops: CreateStep, spec: JobSpec, *,
                        workspace_id: str | None, fresh: bool, shown: str | None,
-                       refusal: str | None) -> PlannedStep:
+                       refusal: str | None, retry: RetryPolicy | None) -> PlannedStep:
     reuse_id = ops.reuse(spec)
     inside = name is not StepName.WORKSPACE
     if reuse_id is not None:
         if inside and workspace_id is None:
             return PlannedStep(name, "reuse", id=reuse_id, reason="not checked: the workspace is refused")
-        return await _reused(client, name, ops, spec, workspace_id, reuse_id)
+        return await _reused(client, name, ops, spec, workspace_id, reuse_id, retry)
     request_name = getattr(spec, ops.spec_key).name
     shown = shown or request_name
     if refusal is not None:
@@ -195,7 +208,7 @@ async def _create_step(client: FabricClient, name: StepName, ops: CreateStep, sp
         return PlannedStep(name, "create", name=shown, reason=f"{JOB} gives every job a name of its own")
     if inside and workspace_id is None:
         return PlannedStep(name, "create", name=shown, reason="not checked: the workspace is refused")
-    matches = await ops.find(client, _draft(workspace_id), request_name, False)
+    matches = await persist(lambda: ops.find(client, _draft(workspace_id), request_name, False), retry)
     return settle(name, ops.kind, request_name, spec.on_existing, matches)
 
 
@@ -218,16 +231,16 @@ def settle(name: StepName, kind: str, request_name: str, on_existing: str, match
 
 
 async def _reused(client: FabricClient, name: StepName, ops: CreateStep, spec: JobSpec,
-                  workspace_id: str | None, reuse_id: str) -> PlannedStep:
+                  workspace_id: str | None, reuse_id: str, retry: RetryPolicy | None) -> PlannedStep:
     """The engine's check of a reused resource (``procedure.reuse``): it exists, and so does
     the model version the spec pins."""
-    found = await ops.get(client, _draft(workspace_id), reuse_id)
+    found = await persist(lambda: ops.get(client, _draft(workspace_id), reuse_id), retry)
     if found is None:
         return PlannedStep(name, "refuse", id=reuse_id, reason=f"reused {reuse_id} does not exist")
     pinned = getattr(getattr(spec, ops.spec_key), "version_id", None)
     if pinned is not None:
         assert workspace_id is not None  # a reused model needs a reused workspace (spec validation)
-        versions = await client.list_model_versions(workspace_id, reuse_id)
+        versions = await persist(lambda: client.list_model_versions(workspace_id, reuse_id), retry)
         if pinned not in {v.id for v in versions}:
             return PlannedStep(name, "refuse", id=reuse_id, reason=f"model {reuse_id} has no version {pinned}")
     status = f" ({found.status})" if found.status else ""

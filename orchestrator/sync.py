@@ -286,10 +286,11 @@ class SyncFabricflow:
 
     def invoke(self, job: JobRef, message: str | Sequence[Mapping[str, str]], *, system: str | None = None,
                temperature: float | None = None, max_tokens: int | None = None, top_p: float | None = None,
-               on_text: Callable[[str], None] | None = None) -> Invocation:
+               on_text: Callable[[str], None] | None = None, check: bool = False) -> Invocation:
         """A new streamed chat completion on the job's service instance, stored with the job."""
         return self._loop.call(self._flow.invoke(job, message, system=system, temperature=temperature,
-                                                 max_tokens=max_tokens, top_p=top_p, on_text=on_text))
+                                                 max_tokens=max_tokens, top_p=top_p, on_text=on_text,
+                                                 check=check))
 
     def invocable(self, job: JobRef) -> Job:
         """The job, if ``invoke`` can talk to it: a create job whose service instance is RUNNING."""

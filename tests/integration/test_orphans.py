@@ -230,6 +230,38 @@ async def test_embedded_emulator_is_refused_with_a_hint(tmp_path):
     assert not path.exists()
 
 
+async def test_deletes_are_retried_as_a_steps_are_and_give_up_saying_so(emulator):
+    """A delete met by 503s is sent again (stamina as in production, with tiny waits) up to the
+    engine's limit, counted by the emulator; one that still fails is reported and named so."""
+    import stamina
+
+    from orchestrator.orphans import DeleteSettings, Deletion, Orphan, delete_orphans
+    from tests.integration.test_engine import faults
+
+    stamina.set_testing(False)  # the autouse fixture's is restored after the test
+    async with FabricClient(emulator.url) as client:
+        made = [await client.create_workspace({"name": name, "description": f"x [fabricflow:{STRANGER}]"})
+                for name in ("lostws-one", "lostws-two")]
+    found = [Orphan(ResourceKind.WORKSPACE, ws.id, ws.name, None, STRANGER, NOT_HERE) for ws in made]
+    settings = DeleteSettings(timeout=30, poll_initial=0.01, poll_max=0.05, attempts=4, backoff_base=0.001,
+                              backoff_cap=0.002)
+    events = []
+
+    await faults(emulator.url, fail_next=3, status=503)
+    async with FabricClient(emulator.url) as client:
+        assert await delete_orphans(client, found[:1], events.append, settings) == [Deletion(found[0])]
+    assert (await stats(emulator.url))["operations"]["delete_workspace"] == 4  # 3 refused, then done
+
+    await faults(emulator.url, fail_next=1000, status=503)
+    async with FabricClient(emulator.url) as client:
+        done = await delete_orphans(client, found[1:], events.append, settings)
+    message = ("gave up after 4 attempts: delete workspace: HTTP 503 APIGW.0503: Service unavailable "
+               "(injected by the emulator)")
+    assert done == [Deletion(found[1], message)]
+    assert (await stats(emulator.url))["operations"]["delete_workspace"] == 4 + 4
+    assert [(e.what, e.detail) for e in events if e.what != "waiting"] == [("deleted", "gone"), ("failed", message)]
+
+
 def test_help_teaches_markers_and_the_dry_run():
     text = CliRunner().invoke(main, ["orphans", "--help"]).stdout
     assert "[fabricflow:" in text and "dry run by default" in text and "--delete" in text
