@@ -18,7 +18,7 @@ from orchestrator.cli_common import (
     run_async,
     settings_from,
 )
-from orchestrator.errors import UserError
+from orchestrator.errors import NotFoundError, UserError
 
 if TYPE_CHECKING:
     from orchestrator.config import Settings
@@ -67,8 +67,10 @@ def orphans(ctx: click.Context, delete: bool, timeout: float | None, as_json: bo
     serves something that is not an orphan. A marker whose job is not in this database may be
     another database's (another --db, another machine): check before deleting.
 
-    Every listing and delete is retried on transient errors as a job's step is
-    (retry.max_attempts times, with backoff, honouring Retry-After). Exit code 0 when the look
+    Every listing and delete is retried on transient errors with a job's step's backoff,
+    honouring Retry-After (a listing at most 4 times, a delete retry.max_attempts times, as a
+    step). With no database (a lost one), make an empty one with `fabricflow db upgrade --db
+    PATH`: against it every marked resource is an orphan. Exit code 0 when the look
     (and the deletes) went through, 1 when a delete did not, 4 when Fabric could not be reached
     or failed a listing still after those retries (nothing is listed or deleted then), 2 when it
     refused the credentials, 3 for a missing database.
@@ -100,7 +102,12 @@ def orphans(ctx: click.Context, delete: bool, timeout: float | None, as_json: bo
 async def _orphans(settings: Settings, *, delete: bool, timeout: float | None,
                    as_json: bool) -> tuple[list[Orphan], list[Deletion]]:
     """Find (and delete) the orphans; what was found (judged again before deleting) and deleted."""
-    flow = await open_flow(settings)  # before any request: a missing database is exit 3
+    try:
+        flow = await open_flow(settings)  # before any request: a missing database is exit 3
+    except NotFoundError as exc:
+        raise NotFoundError(f"{exc}; after a lost database, `fabricflow db upgrade --db {settings.db}` makes an "
+                            "empty one, against which every marked resource is listed as an orphan (another "
+                            "database may still own some: check before --delete)") from None
     try:
         found = await flow.find_orphans(
             recheck=delete, on_start=lambda url: click.echo(f"looking through every workspace on {url} ...",

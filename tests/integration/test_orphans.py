@@ -215,7 +215,10 @@ async def test_missing_database_is_exit_3_and_creates_nothing(tmp_path, emulator
     result = await orphans(f"sqlite+aiosqlite:///{path}", emulator.url)
 
     assert result.exit_code == 3
-    assert result.stderr.strip() == f"error: no database at {path}"
+    assert result.stderr.strip() == (
+        f"error: no database at {path}; after a lost database, `fabricflow db upgrade --db sqlite+aiosqlite:///{path}` "
+        "makes an empty one, against which every marked resource is listed as an orphan (another database may "
+        "still own some: check before --delete)")
     assert not path.exists()
     assert (await stats(emulator.url))["requests"] == 0
 
