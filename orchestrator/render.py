@@ -7,7 +7,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from orchestrator.domain import Event, Job
+from orchestrator.domain import Event, Job, Step
 from orchestrator.machine import ROWS, STEPS, JobKind, StepName, StepState
 
 
@@ -74,7 +74,9 @@ def _duration(step_start: datetime | None, step_end: datetime | None, now: datet
 
 def format_job(job: Job, *, now: datetime | None = None) -> str:
     """``fabricflow show``: the job, then one row per step; with ``now``, a running job's step
-    in progress shows how long it has taken so far."""
+    in progress shows how long it has taken so far. A job that has ended has no step in
+    progress: one it left unfinished (WAITING when it was cancelled, say) keeps that state, with
+    the time it spent until the job ended and no running mark."""
     running = now if not job.state.is_terminal else None
     lines = [
         f"job      {job.id}",
@@ -98,7 +100,7 @@ def format_job(job: Job, *, now: datetime | None = None) -> str:
         lines.append(
             f"{name:<17} {step.state:<10} {step.resource_id or '-':<36} "
             f"{latest_status(job, name) or '-':<14} {step.attempts:>5} "
-            f"{_duration(step.started_at, step.finished_at, running):>7}"
+            f"{_duration(step.started_at, _ended(job, step), running):>7}"
         )
         if step.error and step.state is not StepState.SUCCEEDED:
             lines.append(f"{'':<17} ! {_error(step.error)}")
@@ -110,6 +112,14 @@ def format_job(job: Job, *, now: datetime | None = None) -> str:
         lines.append(f"reply          {job.result['reply']}")
         lines.append(f"finish_reason  {job.result.get('finish_reason')}    usage {usage}")
     return "\n".join(lines)
+
+
+def _ended(job: Job, step: Step) -> datetime | None:
+    """When the step stopped: its own end, or for a job that has ended, the job's (a step it
+    left unfinished stopped with it)."""
+    if step.finished_at is not None or not job.state.is_terminal or step.started_at is None:
+        return step.finished_at
+    return max(job.finished_at or job.updated_at, step.started_at)
 
 
 def format_jobs(jobs: list[Job], *, state: str | None = None, name: str | None = None) -> str:

@@ -179,3 +179,39 @@ async def test_the_reader_sees_each_commit_made_after_it_opened(tmp_path):
         if reader is not None:
             await reader.close()
         await store.close()
+
+
+async def test_show_of_a_job_cancelled_while_waiting_has_no_step_in_progress(store, db_url, emulator_factory,
+                                                                             spec_data):
+    from orchestrator.config import DaemonSettings
+    from orchestrator.engine.daemon import heartbeat
+    from orchestrator.engine.runner import Runner
+    from orchestrator.fabric.client import FabricClient
+    from orchestrator.machine import JobState, StepName, StepState
+    from tests.conftest import make_spec, until
+    from tests.integration.test_engine import FAST, OWNER
+
+    emu = await emulator_factory(ready_after=600)  # the endpoint stays CREATING: the job waits on it
+    job = await store.submit(make_spec(spec_data))
+    await store.claim(job.id, OWNER, lease=30)
+    async with FabricClient(emu.url) as client:
+        runner = Runner(store, client, owner=OWNER, settings=FAST)
+        async with heartbeat(store, runner, DaemonSettings(heartbeat_seconds=0.5, lease_seconds=5)):
+            task = asyncio.create_task(runner.run(job.id))
+            await until(lambda: store.get(job.id),
+                        lambda j: j.steps[StepName.ENDPOINT_READY].state is StepState.WAITING, timeout=30)
+            await store.cancel(job.id)  # the runner stops at its next safe point
+            assert await asyncio.wait_for(task, timeout=30) is JobState.CANCELLED
+    job = await store.get(job.id)
+    waited = job.steps[StepName.ENDPOINT_READY]
+    assert waited.state is StepState.WAITING and waited.finished_at is None and job.finished_at is not None
+
+    result = await asyncio.to_thread(CliRunner().invoke, main, ["show", job.id, "--db", db_url])
+
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line for line in result.stdout.splitlines() if line.split()}
+    assert "state    CANCELLED" in result.stdout.splitlines()
+    took = (job.finished_at - waited.started_at).total_seconds()
+    assert rows["endpoint_ready"] == (f"{'endpoint_ready':<17} {'WAITING':<10} {waited.resource_id or '-':<36} "
+                                      f"{'CREATING':<14} {waited.attempts:>5} {f'{took:.1f}s':>7}")
+    assert "…" not in result.stdout  # nothing is in progress in a job that has ended

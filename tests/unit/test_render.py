@@ -97,5 +97,22 @@ def test_show_says_how_long_a_running_job_s_step_has_taken_so_far():
     assert rows["endpoint"].endswith("  1.0s") and rows["endpoint_ready"].endswith("  59.0s…")
     assert rows["model"].endswith("   -")
     assert format_job(waiting).splitlines()[8].endswith("      …")  # no clock: still going
-    ended = Job(**{**{f: getattr(waiting, f) for f in waiting.__slots__}, "state": JobState.CANCELLED})
-    assert "…" in format_job(ended, now=NOW) and "59.0s…" not in format_job(ended, now=NOW)
+
+
+
+def test_show_gives_a_step_an_ended_job_left_unfinished_its_last_state_and_no_running_timer():
+    # Cancelled 30 s ago while its endpoint_ready step waited: that step is in progress no more.
+    waiting = job(endpoint=step("endpoint", StepState.SUCCEEDED, "CREATING", started=60,
+                                finished_at=NOW - timedelta(seconds=59)),
+                  endpoint_ready=step("endpoint_ready", StepState.WAITING, started=59))
+    fields = {f: getattr(waiting, f) for f in waiting.__slots__}
+    cancelled = Job(**{**fields, "state": JobState.CANCELLED, "finished_at": NOW - timedelta(seconds=30)})
+    for text in (format_job(cancelled, now=NOW), format_job(cancelled)):
+        assert "…" not in text
+        rows = {line.split()[0]: line for line in text.splitlines()[6:]}
+        assert rows["endpoint_ready"] == f"{'endpoint_ready':<17} {'WAITING':<10} {'r1':<36} {'CREATING':<14} " \
+                                         f"{0:>5} {'29.0s':>7}"  # 59 s ago until the cancel 30 s ago
+        assert rows["endpoint"].endswith("  1.0s") and rows["model"].endswith("   -")
+    # No end recorded (a job of an older version): the job's last update stands for it.
+    undated = Job(**{**fields, "state": JobState.FAILED, "updated_at": NOW - timedelta(seconds=9)})
+    assert format_job(undated, now=NOW).splitlines()[8].endswith(f"{'50.0s':>7}")
