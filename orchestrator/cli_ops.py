@@ -45,17 +45,24 @@ def status(ctx: click.Context, limit: int, as_json: bool) -> None:
                alive (a heartbeat within its lease time, and on this machine its process
                still there), stale (none since: crashed, hung or cut off from the
                database, or its process gone; its jobs are taken over when their leases
-               lapse) or stopped; how long since its heartbeat; the jobs it holds
+               lapse) or stopped; HEARTBEAT: how long since its last one; JOBS: the
+               running jobs it holds now; UPTIME: how long it has been up, for a stale
+               one until its last heartbeat (a dead daemon's does not grow), for a
+               stopped one until its stop
     jobs       how many are in each state
     running    the oldest running jobs, each with its current step and what it waits for
+               (a create in its settle window after an unknown outcome: only looking)
     failures   the latest failed jobs with their error code and message
 
     --json prints {database, at, daemons: [{owner, state, host, pid, version, lease_seconds,
-    started_at, heartbeat_at, heartbeat_age_seconds, stopped_at, jobs_held}], jobs: {STATE: N},
-    running: [{id, name, kind, owner, started_at, running_seconds, lease_expires_at, step,
-    step_state, step_seconds, attempts, resource_kind, resource_id, resource_status, retry_at,
-    cancel_requested, waiting_for}], failures: [{id, name, kind, finished_at, step, error}]}.
-    Times are ISO 8601 in UTC, read against the database's clock.
+    started_at, heartbeat_at, heartbeat_age_seconds, stopped_at, jobs_held, jobs_held_now,
+    uptime_seconds}], jobs: {STATE: N}, running: [{id, name, kind, owner, started_at,
+    running_seconds, lease_expires_at, step, step_state, step_seconds, attempts, resource_kind,
+    resource_id, resource_status, retry_at, cancel_requested, settle_look, waiting_for}],
+    failures: [{id, name, kind, finished_at, step, error}]}. jobs_held is the count at its last
+    heartbeat, jobs_held_now the RUNNING jobs under its lease as read now; settle_look is the
+    number of a settle window's latest look, else null. Times are ISO 8601 in UTC, read against
+    the database's clock.
     """
     from orchestrator.api import describe_database, sqlite_file
 
@@ -103,6 +110,7 @@ def _running_json(job: Job, current: Current, now: datetime) -> dict[str, Any]:
         "resource_status": latest_status(job, current.step) if current.step else None,
         "retry_at": _iso(current.retry_at),
         "cancel_requested": job.cancel_requested_at is not None,
+        "settle_look": current.settle_look,
         "waiting_for": waiting_for(job, current, now),
     }
 
@@ -155,6 +163,9 @@ def waiting_for(job: Job, current: Current, now: datetime) -> str:
         target = (f"{step.request_name!r}" if action is Action.CREATE and step.request_name
                   else current.resource_id or "")
         verb = {Action.CREATE: "creating", Action.DELETE: "deleting", Action.INVOKE: "streaming from"}.get(action)
+        if current.settle_look is not None:
+            # After an unknown outcome the engine only looks: no create is sent in this window.
+            verb, target = "looking for", f"{target} (settle window, look {current.settle_look})".lstrip()
         text += ", " + " ".join(part for part in (verb or "calling", what, target) if part) + took
     if current.retry_at is not None and current.retry_at > now:
         text += f", attempt {step.attempts + 1} in {age(_seconds(current.retry_at - now))}"
@@ -186,7 +197,7 @@ def format_overview(o: Overview, database: str, *, color: bool = False) -> str:
     if o.daemons:
         alive = sum(d.state == "alive" for d in o.daemons)
         lines.append(f"daemons: {alive} alive")
-        lines.append(f"  {'STATE':<8} {'OWNER':<40} {'VERSION':<9} {'HEARTBEAT':>10} {'JOBS':>5}  SINCE")
+        lines.append(f"  {'STATE':<8} {'OWNER':<40} {'VERSION':<9} {'HEARTBEAT':>10} {'JOBS':>5}  UPTIME")
         lines += [_daemon_line(d, o.at, style) for d in o.daemons]
     else:
         lines.append("daemons: none registered (start one with `fabricflow daemon`)")
@@ -211,13 +222,17 @@ def format_overview(o: Overview, database: str, *, color: bool = False) -> str:
 
 
 def _daemon_line(d: DaemonRow, now: datetime, style: Any) -> str:
+    # JOBS: what it holds as read now; its row's count is its last heartbeat's (up to
+    # heartbeat_seconds old, and 0 for one killed before its first).
     if d.stopped_at is not None:
-        since = f"stopped {age(_seconds(now - d.stopped_at))} ago"
+        uptime = f"was up {age(d.uptime)}, stopped {age(_seconds(now - d.stopped_at))} ago"
+    elif d.state == "stale":
+        uptime = f"was up {age(d.uptime)} until its last heartbeat"  # dead: no longer growing
     else:
-        since = f"up {age(_seconds(now - d.started_at))}"
+        uptime = f"up {age(d.uptime)}"
     state = style(f"{d.state:<8}", **_STATE_STYLE[d.state])
     return (f"  {state} {_cut(d.owner, 40):<40} {_cut(d.version, 9):<9} {age(d.heartbeat_age) + ' ago':>10} "
-            f"{d.jobs_held:>5}  {since}")
+            f"{d.jobs_held_now:>5}  {uptime}")
 
 
 def _local(at: datetime) -> str:

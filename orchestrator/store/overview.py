@@ -8,13 +8,14 @@ this module imports nothing heavy. Nothing here writes.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 from orchestrator.domain import Job, Step
-from orchestrator.machine import JobState, ResourceKind, StepName, row_of
+from orchestrator.machine import Action, JobKind, JobState, ResourceKind, StepName, StepState, row_of
 from orchestrator.process import is_dead
 from orchestrator.store.readonly import as_utc, job_from_row
 
@@ -40,9 +41,12 @@ class DaemonRow:
     started_at: datetime
     heartbeat_at: datetime
     stopped_at: datetime | None
-    jobs_held: int
+    jobs_held: int  # the leases its last heartbeat renewed (its registry row)
     heartbeat_age: float  # seconds
     gone: bool = False  # its process no longer exists on this machine (killed, crashed)
+    # RUNNING jobs under its lease as read now: a claim shows before the next heartbeat does,
+    # and the jobs of a daemon killed before its first heartbeat show at all.
+    jobs_held_now: int = 0
 
     @property
     def state(self) -> str:
@@ -52,6 +56,24 @@ class DaemonRow:
             return STOPPED
         return ALIVE if self.heartbeat_age <= self.lease_seconds and not self.gone else STALE
 
+    @property
+    def is_alive(self) -> bool:
+        """True while it is alive: its jobs are being run."""
+        return self.state == ALIVE
+
+    @property
+    def uptime(self) -> float:
+        """Seconds it has been up: until now while alive, until its stop once stopped, and for a
+        stale one until its last heartbeat (the last moment it is known to have been up), so the
+        figure of a dead daemon does not go on growing."""
+        if self.stopped_at is not None:
+            end = self.stopped_at
+        elif self.state == STALE:
+            end = self.heartbeat_at
+        else:
+            end = self.heartbeat_at + timedelta(seconds=self.heartbeat_age)  # now
+        return max(0.0, (end - self.started_at).total_seconds())
+
     def as_json(self) -> dict[str, Any]:
         """The daemon object of ``status --json``."""
         return {
@@ -60,6 +82,7 @@ class DaemonRow:
             "started_at": self.started_at.isoformat(), "heartbeat_at": self.heartbeat_at.isoformat(),
             "heartbeat_age_seconds": round(self.heartbeat_age, 1),
             "stopped_at": self.stopped_at.isoformat() if self.stopped_at else None, "jobs_held": self.jobs_held,
+            "jobs_held_now": self.jobs_held_now, "uptime_seconds": round(self.uptime, 1),
         }
 
 
@@ -71,6 +94,9 @@ class Current:
     resource_kind: ResourceKind | None
     resource_id: str | None
     retry_at: datetime | None  # a step waiting out a backoff before its next attempt
+    # A create step in its settle window (after an unknown outcome it only looks, sends no
+    # create): the number of its latest look, as its latest event says; None otherwise.
+    settle_look: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,15 +116,8 @@ async def read_overview(fetch: Fetch, *, limit: int, now: datetime | None = None
     ``now`` is the clock the daemons write with: on SQLite this machine's (pass it), on
     PostgreSQL the server's (leave it out: it is read from the database).
     """
-    if now is None:
-        now = as_utc((await fetch("SELECT CURRENT_TIMESTAMP AS now", {}))[0]["now"])
-        assert now is not None
-    daemons = [*await fetch("SELECT * FROM daemons WHERE stopped_at IS NULL ORDER BY started_at DESC", {}),
-               *await fetch("SELECT * FROM daemons WHERE stopped_at IS NOT NULL ORDER BY stopped_at DESC"
-                            " LIMIT :limit", {"limit": limit})]
-    registry = [_daemon(row, now) for row in daemons]
-    registry = [d for d in registry if d.stopped_at is None or now - d.stopped_at <= RECENTLY_STOPPED]
-    registry.sort(key=lambda d: (d.state != ALIVE, d.state != STALE))  # stable: newest first in each
+    now = await _now(fetch, now)
+    registry = await read_daemons(fetch, now=now, stopped=limit)
     counts = {str(state): 0 for state in JobState}
     for row in await fetch("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state", {}):
         counts[row["state"]] = int(row["n"])
@@ -108,12 +127,43 @@ async def read_overview(fetch: Fetch, *, limit: int, now: datetime | None = None
     failures = await _with_steps(fetch, await fetch(
         "SELECT * FROM jobs WHERE state = 'FAILED' ORDER BY COALESCE(finished_at, updated_at) DESC, id"
         " LIMIT :limit", {"limit": limit}))
+    currents = [(job, current_of(job, run_after)) for job, run_after in running]
+    looks = await _settle_looks(fetch, currents)
     return Overview(at=now, daemons=registry, jobs=counts,
-                    running=[(job, current_of(job, run_after)) for job, run_after in running],
+                    running=[(job, replace(current, settle_look=looks.get(job.id))) for job, current in currents],
                     failures=[job for job, _ in failures])
 
 
-def _daemon(row: Mapping[str, Any], now: datetime) -> DaemonRow:
+async def read_daemons(fetch: Fetch, *, now: datetime | None = None, stopped: int = 0) -> list[DaemonRow]:
+    """The registry judged at ``now`` (as ``read_overview`` takes it): every daemon not stopped,
+    and the ``stopped`` latest of those stopped within RECENTLY_STOPPED; alive ones first, then
+    stale, then stopped, newest first in each. Two queries."""
+    now = await _now(fetch, now)
+    rows = [*await fetch("SELECT * FROM daemons WHERE stopped_at IS NULL ORDER BY started_at DESC", {})]
+    if stopped:
+        rows += await fetch("SELECT * FROM daemons WHERE stopped_at IS NOT NULL ORDER BY stopped_at DESC"
+                            " LIMIT :limit", {"limit": stopped})
+    if not rows:
+        return []
+    # What each holds now, not at its last heartbeat (up to heartbeat_seconds ago): one pass
+    # over the RUNNING jobs (ix_jobs_state_run_after), grouped by their lease's owner.
+    held = {r["lease_owner"]: int(r["n"]) for r in await fetch(
+        "SELECT lease_owner, COUNT(*) AS n FROM jobs WHERE state = 'RUNNING' AND lease_owner IS NOT NULL"
+        " GROUP BY lease_owner", {})}
+    registry = [_daemon(row, now, held.get(row["owner"], 0)) for row in rows]
+    registry = [d for d in registry if d.stopped_at is None or now - d.stopped_at <= RECENTLY_STOPPED]
+    registry.sort(key=lambda d: (d.state != ALIVE, d.state != STALE))  # stable: newest first in each
+    return registry
+
+
+async def _now(fetch: Fetch, now: datetime | None) -> datetime:
+    if now is None:
+        now = as_utc((await fetch("SELECT CURRENT_TIMESTAMP AS now", {}))[0]["now"])
+        assert now is not None
+    return now
+
+
+def _daemon(row: Mapping[str, Any], now: datetime, held_now: int) -> DaemonRow:
     heartbeat_at = as_utc(row["heartbeat_at"])
     started_at = as_utc(row["started_at"])
     assert heartbeat_at is not None and started_at is not None
@@ -125,6 +175,7 @@ def _daemon(row: Mapping[str, Any], now: datetime) -> DaemonRow:
         # Another machine's clock may run a little ahead of this one's.
         heartbeat_age=max(0.0, (now - heartbeat_at).total_seconds()),
         gone=stopped_at is None and is_dead(row["owner"]),
+        jobs_held_now=held_now,
     )
 
 
@@ -160,3 +211,34 @@ def _resource_id(job: Job, step: Step, kind: ResourceKind | None) -> str | None:
     known = [job.steps[n].resource_id for n in job.order
              if row_of(job.kind, n).kind is kind and job.steps[n].resource_id]
     return known[-1] if known else None
+
+
+#: A look in a create step's settle window that found nothing, with more looks to come: the
+#: note ``engine.procedure._settling`` writes ("look 3: no workspace named 'x' carries this
+#: job's marker yet; ... (settle window 120s); looking again in 20.0s"). The note of the last
+#: look ("...; the settle window (120s) is over, so it is created") does not match: a create follows.
+SETTLE_LOOK = re.compile(r"look (\d+): no .* carries this job's marker yet; .*\(settle window ")
+
+
+async def _settle_looks(fetch: Fetch, currents: Sequence[tuple[Job, Current]]) -> dict[str, int]:
+    """For each job whose current step is a create IN_FLIGHT: the number of its settle window's
+    latest look, when the step's latest look or transition event is such a look (a retry's note
+    after a failed look is passed over: the window goes on). One query over the jobs' events
+    (ix_events_job_id_id), for at most ``limit`` jobs."""
+    creating = {job.id: str(current.step) for job, current in currents
+                if current.step is not None and job.kind is JobKind.CREATE
+                and job.steps[current.step].state is StepState.IN_FLIGHT
+                and row_of(job.kind, current.step).action is Action.CREATE}
+    if not creating:
+        return {}
+    names = {f"id{i}": job_id for i, job_id in enumerate(creating)}
+    rows = await fetch(
+        "SELECT job_id, step, detail FROM events WHERE id IN (SELECT MAX(id) FROM events"
+        f" WHERE job_id IN ({', '.join(':' + n for n in names)}) AND step IS NOT NULL"
+        " AND (to_state IS NOT NULL OR detail LIKE 'look %') GROUP BY job_id, step)", names)
+    looks: dict[str, int] = {}
+    for row in rows:
+        match = SETTLE_LOOK.match(row["detail"] or "")
+        if match is not None and creating.get(row["job_id"]) == row["step"]:
+            looks[row["job_id"]] = int(match.group(1))
+    return looks

@@ -5,6 +5,7 @@ is gone from this machine); on PostgreSQL, every daemon sharing the database."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 from datetime import datetime
 from importlib.metadata import version
@@ -90,3 +91,39 @@ async def test_every_daemon_sharing_postgresql_registers(tmp_path, emulator, pg_
     shown = await asyncio.to_thread(status, pg_url)
     assert sorted(d["state"] for d in shown["daemons"]) == ["stopped", "stopped"]
     assert {d["pid"] for d in shown["daemons"]} == {d.proc.pid for d in daemons}
+
+
+def test_status_counts_the_jobs_of_a_daemon_killed_before_its_first_heartbeat(tmp_path, emulator):
+    # No heartbeat for ten minutes: the registry row's count stays 0 from the start to the kill.
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    job_id = cli("submit", str(QUICKSTART), "--db", url).stdout.strip()
+    daemon = Daemon(url, emulator.url, tmp_path / "daemon.log", FABRICFLOW_DAEMON__HEARTBEAT_SECONDS="600",
+                    FABRICFLOW_DAEMON__LEASE_SECONDS="1200")
+    try:
+        row = wait_for("the daemon alive, holding the job it claimed", lambda: (
+            (r := daemon_row(url, daemon)) and r["state"] == "alive" and r["jobs_held_now"] == 1 and r))
+        assert row["jobs_held"] == 0  # its last heartbeat (its registration) counted none
+        # JOBS: 1, read from the jobs (its row still says 0).
+        assert re.fullmatch(rf"  alive    {re.escape(_shown(row['owner']))} +\S+ +\d+s ago +1  up \S+",
+                            _daemon_line(url, row["owner"]))
+    finally:
+        daemon.kill()
+    held_by = f"held by  {row['owner']} until "
+    assert any(text.startswith(held_by) for text in cli("show", job_id, "--db", url).stdout.splitlines())
+    crashed = daemon_row(url, daemon)
+    assert crashed is not None and crashed["state"] == "stale"
+    assert (crashed["jobs_held"], crashed["jobs_held_now"]) == (0, 1)  # what `show` says it holds
+    assert crashed["uptime_seconds"] == 0.0  # known up until its last heartbeat: its registration
+    assert re.fullmatch(rf"  stale    {re.escape(_shown(row['owner']))} +\S+ +\d+s ago +1  "
+                        r"was up 0s until its last heartbeat", _daemon_line(url, row["owner"]))
+
+
+def _shown(owner: str) -> str:
+    """An owner as the OWNER column shows it (40 characters at most)."""
+    return owner if len(owner) <= 40 else owner[:39] + "…"
+
+
+def _daemon_line(url: str, owner: str) -> str:
+    """The line of ``fabricflow status`` that lists the daemon ``owner``."""
+    lines = cli("status", "--db", url).stdout.splitlines()
+    return next(line for line in lines if line[11:51].rstrip() == _shown(owner))

@@ -5,6 +5,7 @@ running jobs wait for; the latest failures), and that reading it never creates a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pty
@@ -86,8 +87,10 @@ async def populate(url: str, spec_data) -> dict[str, str]:
         clock.ago(days=2)
         await register(store, "daemon-c")
         await store.writer.run(ops.daemon_stopped("daemon-c"))
-        clock.ago(hours=2)
+        clock.ago(hours=2, minutes=10)
         await register(store, "daemon-gone")
+        clock.ago(hours=2)  # its last heartbeat, ten minutes after its start; then it died
+        await store.writer.run(ops.daemon_heartbeat("daemon-gone", [], lease=30), urgent=True)
         clock.ago(minutes=10)
         await register(store, "daemon-b")
         clock.ago(minutes=9)
@@ -96,10 +99,11 @@ async def populate(url: str, spec_data) -> dict[str, str]:
         await register(store, "daemon-a")
         clock.now()
         before = store.writer.stats()
-        held = await store.writer.run(ops.daemon_heartbeat("daemon-a", [ids["oldest"], ids["retrying"]],
-                                                           lease=30), urgent=True)
+        # Its heartbeat renews one lease: it claims "retrying" after the beat, as a daemon claims
+        # between two beats, so its row says 1 until the next one while it holds 2.
+        held = await store.writer.run(ops.daemon_heartbeat("daemon-a", [ids["oldest"]], lease=30), urgent=True)
         after = store.writer.stats()
-    assert held == 2
+    assert held == 1
     # The registry's beat rides on the leases' own write: one operation, one commit, two statements.
     assert (after.batches - before.batches, after.operations - before.operations,
             after.statements - before.statements) == (1, 1, 2)
@@ -116,12 +120,19 @@ def test_status_json_on_sqlite(tmp_path, spec_data):
     shown = json.loads(result.stdout)
     assert shown["database"] == str(tmp_path / "jobs.db")
     daemons = shown["daemons"]
-    assert [(d["owner"], d["state"], d["jobs_held"]) for d in daemons] == [
-        ("daemon-a", "alive", 2), ("daemon-gone", "stale", 0), ("daemon-b", "stopped", 0)]  # not daemon-c
+    # jobs_held: its row's count, as of its last heartbeat; jobs_held_now: the RUNNING jobs under
+    # its lease as read now ("lapsed" is still daemon-gone's, which no heartbeat ever counted).
+    assert [(d["owner"], d["state"], d["jobs_held"], d["jobs_held_now"]) for d in daemons] == [
+        ("daemon-a", "alive", 1, 2), ("daemon-gone", "stale", 0, 1), ("daemon-b", "stopped", 0, 0)]  # not daemon-c
     alive, stale, stopped = daemons
     assert alive["heartbeat_age_seconds"] < 30 and alive["stopped_at"] is None and alive["pid"] == 4242
     assert 7200 <= stale["heartbeat_age_seconds"] < 7200 + 60
     assert stopped["stopped_at"] is not None
+    # Uptime: an alive one's until now; a stale one's until its last heartbeat, two hours ago, not
+    # the 2h10m since its start; a stopped one's until its stop.
+    assert 1200 <= alive["uptime_seconds"] < 1200 + 60
+    assert 600 <= stale["uptime_seconds"] < 601
+    assert 60 <= stopped["uptime_seconds"] < 61
     assert shown["jobs"] == {"PENDING": 1, "RUNNING": 3, "SUCCEEDED": 1, "FAILED": 2, "CANCELLED": 1}
 
     running = shown["running"]
@@ -165,9 +176,14 @@ def test_status_on_a_terminal_reads_as_one_screen(tmp_path, spec_data):
     lines = result.stdout.splitlines()
     assert lines[0].startswith(f"{tmp_path / 'jobs.db'} at ")
     assert "daemons: 1 alive" in lines
+    assert f"  {'STATE':<8} {'OWNER':<40} {'VERSION':<9} {'HEARTBEAT':>10} {'JOBS':>5}  UPTIME" in lines
+    # JOBS: held now (daemon-a's row still says 1; daemon-gone's 0); a dead daemon's uptime ends
+    # at its last heartbeat and does not grow.
     assert re.search(r"^  alive    daemon-a +0\.1\.0 +\d+s ago +2  up 20m\d\ds$", result.stdout, re.MULTILINE)
-    assert re.search(r"^  stale    daemon-gone +0\.1\.0 +2h00m ago +0  up 2h00m$", result.stdout, re.MULTILINE)
-    assert re.search(r"^  stopped  daemon-b +0\.1\.0 +10m\d\ds ago +0  stopped 9m\d\ds ago$", result.stdout, re.MULTILINE)
+    assert re.search(r"^  stale    daemon-gone +0\.1\.0 +2h00m ago +1  was up 10m00s until its last heartbeat$",
+                     result.stdout, re.MULTILINE)
+    assert re.search(r"^  stopped  daemon-b +0\.1\.0 +10m\d\ds ago +0  was up 60s, stopped 9m\d\ds ago$",
+                     result.stdout, re.MULTILINE)
     assert "daemon-c" not in result.stdout
     assert "jobs:    PENDING 1  RUNNING 3  SUCCEEDED 1  FAILED 2  CANCELLED 1" in lines
     assert "oldest running (of 3):" in lines
@@ -250,8 +266,8 @@ async def test_status_on_postgresql_reads_the_servers_clock(pg_url, spec_data):
     assert result.exit_code == 0, result.stderr
     shown = json.loads(result.stdout)
     assert shown["database"] == pg_url  # db.describe: the URL, a password hidden (none here)
-    assert [(d["owner"], d["state"], d["jobs_held"]) for d in shown["daemons"]] == [
-        ("pg-alive", "alive", 1), ("pg-crashed", "stale", 0), ("pg-stopped", "stopped", 0)]
+    assert [(d["owner"], d["state"], d["jobs_held"], d["jobs_held_now"]) for d in shown["daemons"]] == [
+        ("pg-alive", "alive", 1, 1), ("pg-crashed", "stale", 0, 0), ("pg-stopped", "stopped", 0, 0)]
     assert shown["daemons"][0]["heartbeat_age_seconds"] < 30
     assert shown["jobs"] == {"PENDING": 0, "RUNNING": 1, "SUCCEEDED": 0, "FAILED": 1, "CANCELLED": 0}
     assert [r["id"] for r in shown["running"]] == [job_id]
@@ -315,3 +331,62 @@ def test_a_database_at_the_previous_revision_is_migrated_and_read_through_sqlalc
     assert [(f["id"], f["step"], f["error"]) for f in shown["failures"]] == [(failed, "workspace", DENIED)]
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0003"
+
+
+async def _settling(store, emulator, spec_data, url: str) -> tuple[dict, str]:
+    """A real runner whose workspace create has an unknown outcome (the emulator carries it out
+    an hour later), so the step is IN_FLIGHT in its settle window, only looking; ``status --json``
+    and ``status`` read while it has looked at least three times."""
+    from orchestrator.engine.runner import EngineSettings, Runner
+    from orchestrator.fabric.client import FabricClient
+    from tests.conftest import until
+    from tests.integration.test_engine import FAST, OWNER, faults, stats
+
+    # A window far longer than the test: every look below is inside it.
+    settling = EngineSettings(**{**FAST.__dict__, "settle_seconds": 600.0, "look_interval": 0.05})
+    await faults(emulator.url, late_next=1, late_by=3600)
+    job = await store.submit(make_spec(spec_data))
+    await store.claim(job.id, OWNER, lease=600)
+    async with FabricClient(emulator.url) as client:
+        task = asyncio.create_task(Runner(store, client, owner=OWNER, settings=settling).run(job.id))
+        try:
+            await until(lambda: store.events(job.id),
+                        lambda found: any((e.detail or "").startswith("look 3: ") for e in found), timeout=60)
+            shown = json.loads((await asyncio.to_thread(status, url, "--json")).stdout)
+            text = (await asyncio.to_thread(status, url)).stdout
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    looks = [e.detail for e in await store.events(job.id) if (e.detail or "").startswith("look ")]
+    # Nothing but settle looks so far: no create was sent again, and the window is not over.
+    assert looks and all(" yet; a create sent by the last attempt may still be carried out" in d for d in looks)
+    assert (await stats(emulator.url))["operations"]["create_workspace"] == 1
+    return shown, text
+
+
+def _says_it_settles(shown: dict, text: str) -> None:
+    [running] = shown["running"]
+    assert running["step"] == "workspace" and running["step_state"] == "IN_FLIGHT"
+    assert re.fullmatch(r"workspace IN_FLIGHT, looking for workspace 'apieworkspace' \(settle window, look \d+\) "
+                        r"for \d+s", running["waiting_for"]), running["waiting_for"]
+    assert running["settle_look"] >= 3
+    assert re.search(rf"^  {running['id'][:8]} +\d+s  {running['name']} +workspace IN_FLIGHT, looking for "
+                     r"workspace 'apieworkspace' \(settle window, look \d+\) for \d+s$", text, re.MULTILINE), text
+    assert "creating workspace" not in text
+
+
+async def test_status_says_a_create_in_its_settle_window_is_only_looking(store, db_url, emulator, spec_data):
+    shown, text = await _settling(store, emulator, spec_data, db_url)
+    _says_it_settles(shown, text)
+
+
+async def test_status_on_postgresql_says_a_create_in_its_settle_window_is_only_looking(pg_url, emulator, spec_data):
+    from orchestrator.store.jobs import JobStore
+
+    store = await JobStore.open(pg_url, auto_upgrade=True)
+    try:
+        shown, text = await _settling(store, emulator, spec_data, pg_url)
+    finally:
+        await store.close()
+    _says_it_settles(shown, text)

@@ -116,3 +116,24 @@ def test_show_gives_a_step_an_ended_job_left_unfinished_its_last_state_and_no_ru
     # No end recorded (a job of an older version): the job's last update stands for it.
     undated = Job(**{**fields, "state": JobState.FAILED, "updated_at": NOW - timedelta(seconds=9)})
     assert format_job(undated, now=NOW).splitlines()[8].endswith(f"{'50.0s':>7}")
+
+
+def test_status_says_a_create_in_its_settle_window_is_looking_not_creating():
+    from dataclasses import replace
+
+    from orchestrator.cli_ops import waiting_for
+    from orchestrator.store.overview import SETTLE_LOOK, current_of
+
+    settling = job(workspace=step("workspace", StepState.IN_FLIGHT, started=21, request_name="quickstart-a05d489a"))
+    current = current_of(settling, {})
+    assert waiting_for(settling, current, NOW) == "workspace IN_FLIGHT, creating workspace 'quickstart-a05d489a' for 21s"
+    assert waiting_for(settling, replace(current, settle_look=3), NOW) == (
+        "workspace IN_FLIGHT, looking for workspace 'quickstart-a05d489a' (settle window, look 3) for 21s")
+    # The engine's notes (engine/procedure.py, _settling): a look with more to come, and the last.
+    looking = ("look 3: no workspace named 'quickstart-a05d489a' carries this job's marker yet; a create sent by "
+               "the last attempt may still be carried out, so none is sent for 98s more (settle window 120s); "
+               "looking again in 20.0s")
+    over = ("look 9: no workspace named 'quickstart-a05d489a' carries this job's marker; the settle window (120s) "
+            "is over, so it is created")
+    assert SETTLE_LOOK.match(looking).group(1) == "3"
+    assert SETTLE_LOOK.match(over) is None
