@@ -69,7 +69,7 @@ if TYPE_CHECKING:
     from orchestrator.plan import Plan
     from orchestrator.spec import JobSpec
     from orchestrator.store.jobs import JobStore
-    from orchestrator.store.overview import Overview
+    from orchestrator.store.overview import DaemonRow, Fetch, Overview
     from orchestrator.store.readonly import ReadOnlyStore
     from orchestrator.wiring import Target
 
@@ -530,21 +530,39 @@ class Fabricflow:
         """One look at how fabricflow is doing (``fabricflow status``): the daemons, how many jobs
         are in each state, the ``limit`` oldest running jobs and the ``limit`` latest failures."""
         from orchestrator.store.overview import read_overview
+
+        with self._database_errors():
+            async with self._fetching() as (fetch, now):
+                return await read_overview(fetch, limit=limit, now=now)
+
+    async def daemons(self) -> list[DaemonRow]:
+        """The daemons of the registry not stopped, each judged alive or stale as ``fabricflow
+        status`` judges it (``DaemonRow.is_alive``): is anything running this database's jobs?"""
+        from orchestrator.store.overview import read_daemons
+
+        with self._database_errors():
+            async with self._fetching() as (fetch, now):
+                return await read_daemons(fetch, now=now)
+
+    @contextlib.asynccontextmanager
+    async def _fetching(self) -> AsyncIterator[tuple[Fetch, datetime | None]]:
+        """A ``fetch`` for ``store.overview``'s plain SQL on this database, and the clock its
+        daemons write with: this machine's on SQLite, None (the server's, read by the query) else."""
         from orchestrator.store.readonly import ReadOnlyStore
 
         store = self._store
-        with self._database_errors():
-            # SQLite: the one daemon of a file writes with this machine's clock.
-            if isinstance(store, ReadOnlyStore):
-                return await read_overview(store.fetch, limit=limit, now=datetime.now(UTC))
-            from sqlalchemy import text
+        # SQLite: the one daemon of a file writes with this machine's clock.
+        if isinstance(store, ReadOnlyStore):
+            yield store.fetch, datetime.now(UTC)
+            return
+        from sqlalchemy import text
 
-            local = store.engine.dialect.name == "sqlite"
-            async with store.engine.connect() as conn:
-                async def fetch(sql: str, params: dict[str, Any]) -> list[Any]:
-                    return list((await conn.execute(text(sql), params)).mappings())
+        local = store.engine.dialect.name == "sqlite"
+        async with store.engine.connect() as conn:
+            async def fetch(sql: str, params: dict[str, Any]) -> list[Any]:
+                return list((await conn.execute(text(sql), params)).mappings())
 
-                return await read_overview(fetch, limit=limit, now=datetime.now(UTC) if local else None)
+            yield fetch, datetime.now(UTC) if local else None
 
     async def find_orphans(self, *, recheck: bool = False,
                            on_start: Callable[[str], None] | None = None) -> list[Orphan]:

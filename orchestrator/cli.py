@@ -189,7 +189,8 @@ MAX_JOBS = 100_000
 @click.option("--count", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
               help=f"Submit N copies of each SPEC (at most {MAX_JOBS} jobs in all); "
                    "{index} in a spec's strings numbers them, {job} names them after their job.")
-@click.option("--wait", is_flag=True, help="Wait until a daemon has finished every job; exit 1 if any fails.")
+@click.option("--wait", is_flag=True, help="Wait until a daemon has finished every job; exit 1 if any fails. "
+                   "Tells on stderr when no daemon is alive to run them.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the job object instead of its ID (a JSON array of them for several jobs).")
 @global_options
@@ -303,7 +304,15 @@ def _emit_jobs(jobs: list[Job]) -> None:
 
 
 async def _wait_for_all(flow: Fabricflow, ids: list[str]) -> list[Job]:
-    """Wait until every job has ended, printing one line on stderr as each does; the final jobs."""
+    """Wait until every job has ended, printing one line on stderr as each does (and whether no
+    daemon is alive to run them, ``cli_waiting``); the final jobs."""
+    from orchestrator.cli_waiting import watching_daemons
+
+    async with watching_daemons(flow, ids):
+        return await _each_ended(flow, ids)
+
+
+async def _each_ended(flow: Fabricflow, ids: list[str]) -> list[Job]:
     import asyncio
 
     ended: dict[str, Job] = {}

@@ -211,12 +211,15 @@ async def with_flow(settings: Settings, func: Callable[[Fabricflow], Awaitable[T
 
 
 async def follow(flow: Fabricflow, job_id: str, *, printer: bool) -> Job:
-    """Print the job's events to stderr as they are committed until it ends; returns the final job."""
+    """Print the job's events to stderr as they are committed until it ends; returns the final job.
+    Meanwhile, say on stderr if no daemon is alive to run it (``cli_waiting``)."""
+    from orchestrator.cli_waiting import watching_daemons
     from orchestrator.render import format_event
 
-    async for event in flow.events(job_id, follow=True):
-        if printer:
-            click.echo(format_event(event), err=True)
+    async with watching_daemons(flow, [job_id]):
+        async for event in flow.events(job_id, follow=True):
+            if printer:
+                click.echo(format_event(event), err=True)
     return await flow.get(job_id)
 
 

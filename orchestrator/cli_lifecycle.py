@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 @job_argument
 @click.option("--teardown", "then_teardown", is_flag=True,
               help="Also delete what the job created (a teardown job, run once the job has stopped).")
-@click.option("--wait", is_flag=True, help="Wait until the job (and its teardown) has ended.")
+@click.option("--wait", is_flag=True, help="Wait until the job (and its teardown) has ended. "
+                   "Tells on stderr when no daemon is alive to run them.")
 @global_options
 @click.pass_context
 def cancel(ctx: click.Context, job_ref: str, then_teardown: bool, wait: bool) -> None:
@@ -85,7 +86,8 @@ def retry(ctx: click.Context, job_ref: str) -> None:
 
 @click.command()
 @job_argument
-@click.option("--wait", is_flag=True, help="Wait until the teardown has ended; exit 1 if it fails.")
+@click.option("--wait", is_flag=True, help="Wait until the teardown has ended; exit 1 if it fails. "
+                   "Tells on stderr when no daemon is alive to run it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the teardown job object (with --wait, when done).")
 @global_options
 @click.pass_context

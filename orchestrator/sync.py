@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from orchestrator.config import Settings
     from orchestrator.engine.runner import Observer
     from orchestrator.orphans import DeleteEvent, Deletion, Orphan
-    from orchestrator.store.overview import Overview
+    from orchestrator.store.overview import DaemonRow, Overview
 
 __all__ = ["SyncFabricflow"]
 
@@ -245,6 +245,10 @@ class SyncFabricflow:
     def overview(self, *, limit: int = 5) -> Overview:
         """One look at how fabricflow is doing: daemons, jobs per state, oldest running, latest failures."""
         return self._loop.call(self._flow.overview(limit=limit))
+
+    def daemons(self) -> list[DaemonRow]:
+        """The daemons of the registry not stopped, each judged alive or stale as ``status`` judges it."""
+        return self._loop.call(self._flow.daemons())
 
     def prune(self, *, older_than: timedelta, dry_run: bool = False, with_resources: bool = False) -> dict[str, Any]:
         """Remove (``dry_run``: count) the rows of jobs that ended longer ago than ``older_than``."""
