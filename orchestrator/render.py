@@ -93,13 +93,13 @@ def format_job(job: Job, *, now: datetime | None = None) -> str:
         rid = f" (request {job.error['request_id']})" if job.error.get("request_id") else ""
         lines.append(f"error    {_error(job.error)}{rid}")
     lines.append("")
-    header = f"{'STEP':<17} {'STATE':<10} {'RESOURCE':<36} {'STATUS':<14} {'TRIES':>5} {'TIME':>7}"
+    header = f"{'STEP':<17} {'STATE':<10} {'RESOURCE':<36} {'STATUS':<14} {'RETRIES':>7} {'TIME':>7}"
     lines.append(header)
     for name in job.order:
         step = job.steps[name]
         lines.append(
             f"{name:<17} {step.state:<10} {step.resource_id or '-':<36} "
-            f"{latest_status(job, name) or '-':<14} {step.attempts:>5} "
+            f"{latest_status(job, name) or '-':<14} {step.attempts:>7} "
             f"{_duration(step.started_at, _ended(job, step), running):>7}"
         )
         if step.error and step.state is not StepState.SUCCEEDED:

@@ -111,7 +111,7 @@ def test_show_gives_a_step_an_ended_job_left_unfinished_its_last_state_and_no_ru
         assert "…" not in text
         rows = {line.split()[0]: line for line in text.splitlines()[6:]}
         assert rows["endpoint_ready"] == f"{'endpoint_ready':<17} {'WAITING':<10} {'r1':<36} {'CREATING':<14} " \
-                                         f"{0:>5} {'29.0s':>7}"  # 59 s ago until the cancel 30 s ago
+                                         f"{0:>7} {'29.0s':>7}"  # 59 s ago until the cancel 30 s ago
         assert rows["endpoint"].endswith("  1.0s") and rows["model"].endswith("   -")
     # No end recorded (a job of an older version): the job's last update stands for it.
     undated = Job(**{**fields, "state": JobState.FAILED, "updated_at": NOW - timedelta(seconds=9)})
