@@ -213,5 +213,5 @@ async def test_show_of_a_job_cancelled_while_waiting_has_no_step_in_progress(sto
     assert "state    CANCELLED" in result.stdout.splitlines()
     took = (job.finished_at - waited.started_at).total_seconds()
     assert rows["endpoint_ready"] == (f"{'endpoint_ready':<17} {'WAITING':<10} {waited.resource_id or '-':<36} "
-                                      f"{'CREATING':<14} {waited.attempts:>5} {f'{took:.1f}s':>7}")
+                                      f"{'CREATING':<14} {waited.attempts:>7} {f'{took:.1f}s':>7}")
     assert "…" not in result.stdout  # nothing is in progress in a job that has ended
