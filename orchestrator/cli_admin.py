@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -18,6 +17,7 @@ from orchestrator.cli_common import (
 )
 from orchestrator.cli_ops import Duration
 from orchestrator.errors import UserError
+from orchestrator.listening import cannot_listen
 
 
 @click.command()
@@ -98,10 +98,8 @@ def emulator(host: str, port: int, ready_after: float, instance_ready_after: flo
         serve(config, host, port, on_ready=ready)
     except StateFileError as exc:
         raise UserError(f"emulator: --state-file {exc}") from None
-    except OSError as exc:  # binding: the state file's errors are StateFileError
-        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
-        hint = "; another process listens there (--port 0 picks a free port)" if exc.errno == errno.EADDRINUSE else ""
-        raise UserError(f"emulator: cannot listen on {host}:{port}: {reason}{hint}") from None
+    except (OSError, UnicodeError) as exc:  # binding: the state file's errors are StateFileError
+        raise cannot_listen(exc, host, port, who="emulator") from None
 
 
 def _check_state_file(path: Path) -> None:

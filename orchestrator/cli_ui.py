@@ -6,13 +6,11 @@ writes one. aiohttp and the page's module are imported inside the command.
 
 from __future__ import annotations
 
-import errno
-import os
 
 import click
 
 from orchestrator.cli_common import global_options, run_async, settings_from
-from orchestrator.errors import UserError
+from orchestrator.listening import cannot_listen
 
 
 @click.command()
@@ -63,10 +61,8 @@ async def _serve(db_url: str, host: str, port: int) -> None:
         site = web.TCPSite(runner, host, port)
         try:
             await site.start()
-        except OSError as exc:
-            reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
-            hint = "; another process listens there (--port 0 picks a free one)" if exc.errno == errno.EADDRINUSE else ""
-            raise UserError(f"ui: cannot listen on {host}:{port}: {reason}{hint}") from None
+        except (OSError, UnicodeError) as exc:
+            raise cannot_listen(exc, host, port, who="ui") from None
         bound = runner.addresses[0][1]
         shown_host = f"[{host}]" if ":" in host else host
         click.echo(f"fabricflow ui on http://{shown_host}:{bound}{ui.PREFIX}/ ({_describe(db_url)}, "

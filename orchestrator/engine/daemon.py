@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import fcntl
 import os
 import signal
@@ -25,6 +24,7 @@ from orchestrator.domain import Job
 from orchestrator.engine.health import DaemonMetrics, serving
 from orchestrator.engine.runner import Runner
 from orchestrator.errors import UserError
+from orchestrator.listening import cannot_listen
 from orchestrator.logs import get_logger
 from orchestrator.machine import StepState, next_step
 from orchestrator.process import is_dead, pid_namespace
@@ -78,23 +78,6 @@ def sqlite_file_lock(url: str) -> AsyncIterator[None]:  # type: ignore[misc]
         yield
     finally:
         handle.close()  # closing releases the lock; the kernel does the same on kill -9
-
-
-def cannot_listen(exc: OSError | UnicodeError, host: str, port: int) -> UserError:
-    """The metrics address refused (``serving`` could not bind), as one line naming the option
-    to change: ``--metrics-host`` for a host that is not one or not this machine's, else
-    ``--metrics-port``."""
-    if isinstance(exc, socket.gaierror):  # its errno is an EAI_ code, which os.strerror does not know
-        option, reason = "--metrics-host", (exc.strerror or str(exc)).lower()
-    elif isinstance(exc, UnicodeError):  # the IDNA codec: a label empty or longer than 63 characters
-        option, reason = "--metrics-host", "not a valid host name"
-    else:
-        option = "--metrics-host" if exc.errno == errno.EADDRNOTAVAIL else "--metrics-port"
-        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
-    in_use = isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE
-    hint = "; another process listens there (--metrics-port 0 picks a free one)" if in_use else ""
-    shown = f"[{host}]" if ":" in host else host
-    return UserError(f"daemon: cannot listen on {shown}:{port} ({option}): {reason}{hint}")
 
 
 #: Most jobs claimed per claim round.
@@ -283,7 +266,8 @@ class Daemon:
                 lease_seconds=self.settings.lease_seconds, host=host, port=port, probe=self._probe,
                 job_counts=self._job_counts, routes=self.routes, setup=self._live_page))
         except (OSError, UnicodeError) as exc:
-            raise cannot_listen(exc, host, port) from None
+            raise cannot_listen(exc, host, port, who="daemon", host_option="--metrics-host",
+                                port_option="--metrics-port") from None
 
     async def _clock_agrees(self, lease: float) -> bool:
         """Whether this machine's clock agrees with the database's closely enough to take over

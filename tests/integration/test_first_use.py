@@ -179,8 +179,22 @@ def test_emulator_on_a_port_in_use_is_one_line_exit_2():
         port = taken.getsockname()[1]
         result = emulator_command("--port", str(port))
     assert result.returncode == 2
-    assert result.stderr == (f"error: emulator: cannot listen on 127.0.0.1:{port}: address already in use; "
-                             "another process listens there (--port 0 picks a free port)\n")
+    assert result.stderr == (f"error: emulator: cannot listen on 127.0.0.1:{port} (--port): address already in use; "
+                             "another process listens there (--port 0 picks a free one)\n")
+
+
+@pytest.mark.parametrize("command", [("emulator", "--port", "0"), ("ui", "--port", "0")])
+@pytest.mark.parametrize(("host", "reason"), [("not..host", "not a valid host name")])
+def test_a_host_that_is_not_one_is_one_line_exit_2(tmp_path, command, host, reason):
+    # "not..host" is refused by the IDNA codec here, before any name is looked up: no DNS query leaves.
+    extra = ("--db", f"sqlite:///{tmp_path / 'ui.db'}") if command[0] == "ui" else ()
+    if extra:
+        assert subprocess.run([*FABRICFLOW, "db", "upgrade", *extra], capture_output=True, text=True,
+                              env=env(), timeout=60, check=False).returncode == 0
+    result = subprocess.run([*FABRICFLOW, *command, "--host", host, *extra], capture_output=True, text=True,
+                            env=env(), timeout=60, check=False)
+    assert (result.returncode, result.stderr) == (2, f"error: {command[0]}: cannot listen on {host}:0 (--host): "
+                                                     f"{reason}\n")
 
 
 @pytest.mark.parametrize(("args", "message"), [
