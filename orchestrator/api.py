@@ -572,8 +572,8 @@ class Fabricflow:
         It looks through every workspace and what each holds; ``on_start`` is told Fabric's URL as
         the look begins. ``recheck=True`` judges what was found again against the jobs as they are
         afterwards (do so just before deleting). Reads only, on Fabric and in the database. Each
-        listing is retried on transient errors as a job's step is (``retry`` settings); one that
-        still fails raises its RetryableError.
+        listing is retried on transient errors (``RetryPolicy.from_settings``: a step's backoff,
+        at most ``retries.COMMAND_ATTEMPTS`` calls); one that still fails raises its RetryableError.
         """
         from orchestrator.orphans import find_orphans, read_records
         from orchestrator.orphans import recheck as judge
@@ -824,7 +824,7 @@ async def plan_spec(spec: JobSpec, *, settings: Settings,
     """What ``run`` would do with ``spec`` against the Fabric of ``settings`` (``fabricflow plan``):
     only reads are sent, and no database is opened. Returns the plan and where it was checked:
     ``embedded``, or Fabric's URL. ``templated``: names as written, for parts whose name holds ``{job}``.
-    Each look-up is retried on transient errors as a job's step is (``retry`` settings)."""
+    Each look-up is retried on transient errors (``RetryPolicy.from_settings``)."""
     from orchestrator.plan import make_plan
     from orchestrator.retries import RetryPolicy
     from orchestrator.wiring import client_for, fabric_target

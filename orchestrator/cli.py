@@ -357,8 +357,8 @@ def plan(ctx: click.Context, spec_file: str, as_json: bool) -> None:
     embedded emulator answers, where nothing exists yet; --fabric-url checks a long-running one
     (or, with --region, Fabric).
 
-    Each look-up is retried on transient errors as a job's step is (retry.max_attempts times,
-    with backoff, honouring Retry-After).
+    Each look-up is retried on transient errors with a job's step's backoff, honouring
+    Retry-After, at most 4 times (a step tries retry.max_attempts times).
 
     Exit code 0 when run would go ahead, 2 when it would refuse the spec, 4 when Fabric could
     not be reached or failed a look-up still after those retries (so nothing is known of the spec).

@@ -23,7 +23,8 @@ from orchestrator.listening import cannot_listen
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0 picks a free port.")
-@click.option("--ready-after", type=click.FloatRange(min=0), default=2.0, show_default=True, help="Seconds an endpoint stays CREATING.")
+@click.option("--ready-after", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="Seconds an endpoint stays CREATING.")
 @click.option("--instance-ready-after", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Seconds a service instance stays CREATING.")
 @click.option("--delete-after", type=click.FloatRange(min=0), default=0.5, show_default=True,

@@ -38,6 +38,16 @@ JOB_ID_LENGTH = 32
 # --- global options, accepted before or after the command ----------------------------------
 
 
+def db_argument(url: str) -> str:
+    """A database URL as one word for a shell command line the user is told to run: quoted,
+    with any password shown as ***."""
+    import shlex
+
+    from sqlalchemy.engine import make_url
+
+    return shlex.quote(make_url(url).render_as_string(hide_password=True))
+
+
 def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     if value is not None:
         ctx.find_root().meta.setdefault("fabricflow.globals", {})[param.name] = value

@@ -12,6 +12,7 @@ import click
 
 from orchestrator.cli_common import (
     EXIT_FAILED,
+    db_argument,
     emit_json,
     global_options,
     open_flow,
@@ -105,9 +106,9 @@ async def _orphans(settings: Settings, *, delete: bool, timeout: float | None,
     try:
         flow = await open_flow(settings)  # before any request: a missing database is exit 3
     except NotFoundError as exc:
-        raise NotFoundError(f"{exc}; after a lost database, `fabricflow db upgrade --db {settings.db}` makes an "
-                            "empty one, against which every marked resource is listed as an orphan (another "
-                            "database may still own some: check before --delete)") from None
+        raise NotFoundError(f"{exc}; after a lost database, `fabricflow db upgrade --db {db_argument(settings.db)}` "
+                            "makes an empty one, against which every marked resource is listed as an orphan "
+                            "(another database may still own some: check before --delete)") from None
     try:
         found = await flow.find_orphans(
             recheck=delete, on_start=lambda url: click.echo(f"looking through every workspace on {url} ...",

@@ -6,11 +6,10 @@ writes one. aiohttp and the page's module are imported inside the command.
 
 from __future__ import annotations
 
-
 import click
 
 from orchestrator.cli_common import global_options, run_async, settings_from
-from orchestrator.listening import cannot_listen
+from orchestrator.listening import cannot_listen, url_host
 
 
 @click.command()
@@ -64,8 +63,7 @@ async def _serve(db_url: str, host: str, port: int) -> None:
         except (OSError, UnicodeError) as exc:
             raise cannot_listen(exc, host, port, who="ui") from None
         bound = runner.addresses[0][1]
-        shown_host = f"[{host}]" if ":" in host else host
-        click.echo(f"fabricflow ui on http://{shown_host}:{bound}{ui.PREFIX}/ ({_describe(db_url)}, "
+        click.echo(f"fabricflow ui on http://{url_host(host)}:{bound}{ui.PREFIX}/ ({_describe(db_url)}, "
                    "read-only); Ctrl-C to stop")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

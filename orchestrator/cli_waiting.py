@@ -37,13 +37,13 @@ _PASSED_ON = (("config", "--config"), ("fabric_url", "--fabric-url"), ("fabric_e
 def daemon_command(db: str, given: dict[str, Any]) -> str:
     """The command that starts a daemon on database ``db`` (a URL; a password is shown as ***),
     with the options of ``given`` (the command line's global options) it needs, shell-quoted."""
-    from sqlalchemy.engine import make_url
+    from orchestrator.cli_common import db_argument
 
-    words = ["fabricflow", "daemon", "--db", make_url(db).render_as_string(hide_password=True)]
+    words = ["fabricflow", "daemon", "--db", db_argument(db)]
     for key, option in _PASSED_ON:
         if given.get(key):
-            words += [option, str(given[key])]
-    return " ".join(shlex.quote(word) for word in words)
+            words += [option, shlex.quote(str(given[key]))]
+    return " ".join(words)
 
 
 def no_daemon_notice(command: str) -> str:

@@ -1,5 +1,6 @@
-"""The one-line error of a server that cannot listen where it was told (``daemon --metrics-port``,
-``ui``, ``emulator``): the address, the option to change, and why, in the same words for all."""
+"""Where a server listens (``daemon --metrics-port``, ``ui``, ``emulator``): its host as a URL
+writes it, and the one-line error when it cannot listen there (the address, the option to
+change, and why), in the same words for all."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ import os
 import socket
 
 from orchestrator.errors import UserError
+
+
+def url_host(host: str) -> str:
+    """``host`` as it stands in a URL or before ``:port``: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
 
 
 def cannot_listen(exc: OSError | UnicodeError, host: str, port: int, *, who: str,
@@ -24,5 +30,4 @@ def cannot_listen(exc: OSError | UnicodeError, host: str, port: int, *, who: str
         reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
     in_use = isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE
     hint = f"; another process listens there ({port_option} 0 picks a free one)" if in_use else ""
-    shown = f"[{host}]" if ":" in host else host
-    return UserError(f"{who}: cannot listen on {shown}:{port} ({option}): {reason}{hint}")
+    return UserError(f"{who}: cannot listen on {url_host(host)}:{port} ({option}): {reason}{hint}")

@@ -6,8 +6,8 @@ through every workspace (and the endpoints, models and service instances inside 
 sorts what carries a marker against the jobs; ``delete_orphans`` deletes the orphans in
 dependency order, waiting until each is gone. Nothing a job records is ever an orphan, and
 nothing of a job that is still under way is ever deleted: its create may be awaiting its record.
-Every listing and every delete is retried on transient errors as a job's step is
-(``retries.persist``: the engine's attempts and backoff, honouring Retry-After).
+Every listing and every delete is retried on transient errors (``retries.persist``, honouring
+Retry-After): a listing as a command's look-up is, a delete as often as a job's step.
 """
 
 from __future__ import annotations

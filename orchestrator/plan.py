@@ -12,7 +12,7 @@ itself nothing can exist yet, so no look-up is made there, as the engine makes n
 so that a spec ``plan`` refuses leaves no resource behind when it is run anyway.
 
 ``plan`` has no step to come back to: each of its look-ups is retried on transient errors in
-the call, as the engine retries a step (``retries.persist``, given by ``make_plan``'s ``retry``);
+the call, with a step's backoff (``retries.persist``, given by ``make_plan``'s ``retry``);
 the engine's own checks are retried by its steps and take no ``retry``.
 """
 

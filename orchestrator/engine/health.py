@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from orchestrator.domain import Job
+from orchestrator.listening import url_host
 from orchestrator.machine import JobState, StepName, StepState
 
 #: How long /healthz waits for the database's answer before it says 503.
@@ -253,6 +254,6 @@ async def serving(metrics: DaemonMetrics, *, owner: str, running: Callable[[], i
         site = web.TCPSite(runner, host, port)
         await site.start()
         bound = runner.addresses[0][1]
-        yield f"http://{host}:{bound}"
+        yield f"http://{url_host(host)}:{bound}"
     finally:
         await runner.cleanup()

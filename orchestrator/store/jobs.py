@@ -238,7 +238,8 @@ class JobStore(LeaseMixin):
         return the_one(ref, list(rows))
 
     async def live_teardown(self, job_id: str) -> tuple[str, str] | None:
-        """The job's teardown that has not failed (``readonly.LIVE_TEARDOWN``), as (ID, state), or None."""
+        """The job's teardown that deletes or has deleted some of it (``readonly.LIVE_TEARDOWN``), as
+        (ID, state), or None."""
         async with self.engine.connect() as conn:
             row = (await conn.execute(text(LIVE_TEARDOWN), {"id": job_id})).first()
         return (row[0], row[1]) if row is not None else None

@@ -143,7 +143,8 @@ class ReadOnlyStore:
                       from_state=r["from_state"], to_state=r["to_state"], detail=r["detail"]) for r in rows]
 
     async def live_teardown(self, job_id: str) -> tuple[str, str] | None:
-        """The job's teardown that has not failed (``LIVE_TEARDOWN``), as (ID, state), or None."""
+        """The job's teardown that deletes or has deleted some of it (``LIVE_TEARDOWN``), as (ID,
+        state), or None."""
         rows = self._query(LIVE_TEARDOWN, {"id": job_id})
         return (rows[0]["id"], rows[0]["state"]) if rows else None
 

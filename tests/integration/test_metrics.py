@@ -370,3 +370,16 @@ def test_healthz_says_starting_while_the_daemon_is_bound_but_not_registered(tmp_
             daemon.terminate()
             assert daemon.wait(timeout=30) == 0
         emulator.stop()
+
+
+async def test_the_metrics_url_of_an_ipv6_host_is_bracketed():
+    from orchestrator.engine.health import DaemonMetrics, serving
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    async with serving(DaemonMetrics(), owner="me", running=lambda: 0, lease_seconds=30, host="::1", port=0) as url:
+        assert url.startswith("http://[::1]:")
+        await asyncio.to_thread(lambda: urllib.request.urlopen(url + "/metrics", timeout=10).read())  # it answers
